@@ -1,0 +1,79 @@
+//! Code shared by every flotilla vhost-user backend program (flotilla-blk,
+//! flotilla-net, flotilla-balloon).
+//!
+//! A backend is a standard vhost-user backend program as described in the
+//! vhost-user specification, section "Backend program conventions": it takes
+//! `--socket-path` or `--fd`, answers `--print-capabilities`, never
+//! daemonizes, and exits cleanly on SIGTERM. That behaviour lives here once so
+//! that every device binary only has to describe its device.
+//!
+//! The pieces, in the order a program uses them:
+//! - [`cli::VhostUserArgs`]: the common command-line flags, flattened into
+//!   each program's own clap parser;
+//! - [`logger`]: `log` output to stderr or a file, and a rate limiter for
+//!   lines a guest can trigger at will;
+//! - [`daemon::prepare`]: signal handling (SIGTERM/SIGINT end the process);
+//! - [`daemon::serve`]: connect, run the [`sandbox::Sandbox`] hook, serve one
+//!   frontend connection until it goes away.
+
+pub mod cli;
+pub mod daemon;
+pub mod logger;
+mod relay;
+pub mod sandbox;
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors of the shared backend code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Neither or both of `--socket-path` and `--fd` were given.
+    #[error("exactly one of --socket-path and --fd must be given")]
+    ConnectionArgs,
+    /// The fd given with `--fd` is not a usable unix socket.
+    #[error("--fd {fd}: {source}")]
+    BadFd {
+        /// The fd number from the command line.
+        fd: i32,
+        /// Why it cannot be used.
+        source: io::Error,
+    },
+    /// Opening the log file failed.
+    #[error("cannot open log file {path}: {source}")]
+    LogFile {
+        /// The path from `--log-file`.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A logger was already installed in this process.
+    #[error("cannot install logger: {0}")]
+    Logger(#[from] log::SetLoggerError),
+    /// Blocking the termination signals or starting the signal thread failed.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+    /// Building the fd relay for an already-connected socket failed.
+    #[error("cannot set up the relay for the inherited socket: {0}")]
+    Relay(io::Error),
+    /// Creating the vhost-user listener failed.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        source: vhost::vhost_user::Error,
+    },
+    /// The vhost-user daemon failed.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// The device-specific setup hook failed.
+    #[error("backend setup: {0}")]
+    Setup(String),
+    /// The sandbox could not be entered.
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
