@@ -1,1 +1,72 @@
-fn main() {}
+//! `flotilla-vmm`: boots a microvm from a StratoVirt-style command line.
+//!
+//! Exit status: 0 when the guest powers off or resets, 2 for bad options or unusable input
+//! files (one line on stderr), 1 when the VM fails (KVM error, register dump in the log).
+
+use std::process::ExitCode;
+
+use vmm::builder::build_microvm;
+use vmm::config::{VmConfig, VMM_OPTIONS};
+use vmm::{logger, options, terminal};
+
+const USAGE: &str = "\
+Usage: flotilla-vmm -kernel PATH [options]
+  -kernel PATH           bzImage or ELF vmlinux
+  -initrd PATH           initial ramdisk
+  -append CMDLINE        kernel command line
+  -m SIZE                guest memory: N (MiB), NM or NG; 256M..512G (default 256)
+  -smp [cpus=]N          vCPUs, 1..254 (default 1)
+  -serial stdio|file:PATH
+                         ttyS0 destination (default: discarded)
+  -name NAME             VM name (1..255 characters)
+  -machine microvm[,virtio-mmio-cmdline=on|off]
+                         also list virtio-mmio devices on the kernel command line
+  -D [FILE]              log to FILE (or stderr) at info level; FLOTILLA_LOG sets the level
+  -version, -help";
+
+fn main() -> ExitCode {
+    let opts = match options::parse(VMM_OPTIONS, std::env::args().skip(1)) {
+        Ok(opts) => opts,
+        Err(e) => return usage_error(&e.to_string()),
+    };
+    if opts.has("help") || opts.has("h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    if opts.has("version") {
+        println!("flotilla-vmm {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let config = match VmConfig::from_options(&opts) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e.to_string()),
+    };
+    if let Err(e) = logger::init(config.log.as_ref().map(|f| f.as_deref())) {
+        return usage_error(&e.to_string());
+    }
+    let vm = match build_microvm(&config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("flotilla-vmm: {e}");
+            return ExitCode::from(if e.is_user_error() { 2 } else { 1 });
+        }
+    };
+    if config.serial.is_some() {
+        terminal::set_raw();
+    }
+    let reason = vm.wait();
+    terminal::restore();
+    log::info!("VM ended: {reason:?}");
+    log::logger().flush();
+    if let vmm::exit::VmExit::Error(msg) = &reason {
+        eprintln!("flotilla-vmm: {msg}");
+    }
+    // Exit without unwinding the vCPU threads, which are still inside KVM_RUN.
+    std::process::exit(reason.exit_code());
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("flotilla-vmm: {msg} (see -help)");
+    ExitCode::from(2)
+}

@@ -1,0 +1,205 @@
+//! Turns a validated [`VmConfig`] into a running microvm, one step per function: memory, VM,
+//! devices, kernel, ACPI, vCPUs.
+
+use std::fs::OpenOptions;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::acpi::{self, AcpiError};
+use crate::arch::boot::{self, BootError};
+use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
+use crate::exit::VmExit;
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Kernel, initrd, command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// Devices.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The serial output file.
+    #[error("cannot open serial output '{path}': {source}")]
+    SerialFile {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl BuildError {
+    /// Whether the user's input (a file, a size) is at fault rather than the host: such errors
+    /// exit with status 2 like other command-line errors.
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, BuildError::Boot(_) | BuildError::SerialFile { .. })
+    }
+}
+
+/// A booted VM.
+pub struct RunningVm {
+    exit_rx: Receiver<VmExit>,
+    // Kept alive for as long as the vCPUs run: KVM memory slots point into this mapping.
+    _ram: GuestRam,
+    _vm: Vm,
+    _devices: Arc<DeviceManager>,
+    _vcpus: Vec<JoinHandle<()>>,
+}
+
+impl RunningVm {
+    /// Blocks until the guest powers off, resets, or fails.
+    pub fn wait(&self) -> VmExit {
+        self.exit_rx
+            .recv()
+            .unwrap_or_else(|_| VmExit::Error("every vCPU and device is gone".into()))
+    }
+}
+
+fn serial_output(config: &VmConfig) -> Result<SerialOut, BuildError> {
+    Ok(match &config.serial {
+        Some(SerialConfig::Stdio) => Box::new(std::io::stdout()),
+        Some(SerialConfig::File(path)) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+        None => Box::new(std::io::sink()),
+    })
+}
+
+/// The kernel command line: the user's, plus `virtio_mmio.device=` entries when asked.
+fn kernel_cmdline(config: &VmConfig, devices: &DeviceManager) -> String {
+    let mut cmdline = config.cmdline.trim().to_string();
+    if config.mmio_cmdline && !devices.mmio_devices.is_empty() {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&devices.mmio_cmdline());
+    }
+    cmdline
+}
+
+/// Loads kernel, command line, initrd, zero page and ACPI tables.
+fn load_guest(
+    config: &VmConfig,
+    ram: &GuestRam,
+    devices: &DeviceManager,
+) -> Result<vm_memory::GuestAddress, BuildError> {
+    let kernel = boot::load_kernel(&ram.memory, &config.kernel)?;
+    let cmdline = kernel_cmdline(config, devices);
+    boot::load_cmdline(&ram.memory, &cmdline)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| boot::load_initrd(&ram.memory, &ram.ranges, &kernel, path))
+        .transpose()?;
+    boot::write_zero_page(&ram.memory, &ram.ranges, &kernel, cmdline.len(), initrd)?;
+    acpi::create_acpi_tables(&ram.memory, config.vcpus, &devices.mmio_devices)?;
+    log::info!(
+        "kernel entry {:#x}, initrd {:?}, cmdline '{cmdline}'",
+        kernel.entry.0,
+        initrd.map(|i| (i.addr, i.size))
+    );
+    Ok(kernel.entry)
+}
+
+/// Builds and starts a microvm.
+pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
+    let serial_out = serial_output(config)?;
+    let ram = GuestRam::new(config.mem_mib << 20)?;
+    let vm = Vm::new()?;
+    vm.register_memory(&ram.memory)?;
+    let (exit_tx, exit_rx): (Sender<VmExit>, Receiver<VmExit>) = channel();
+
+    let mut devices = DeviceManager::new();
+    devices.add_legacy_devices(vm.fd(), serial_out, exit_tx.clone())?;
+    let entry = load_guest(config, &ram, &devices)?;
+
+    let vcpus = (0..config.vcpus)
+        .map(|index| {
+            let vcpu = Vcpu::new(&vm, index)?;
+            vcpu.configure(&vm, &ram.memory, config.vcpus, entry)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+
+    if let (Some(SerialConfig::Stdio), Some(serial)) = (&config.serial, &devices.serial) {
+        if let Err(e) = spawn_input_thread(serial.clone(), std::io::stdin()) {
+            log::warn!("no serial input: {e}");
+        }
+    }
+    let devices = Arc::new(devices);
+    let handles = vcpus
+        .into_iter()
+        .map(|vcpu| vcpu.start(devices.clone(), exit_tx.clone()))
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+    log::info!("started {} vCPU(s), {} MiB", config.vcpus, config.mem_mib);
+    Ok(RunningVm {
+        exit_rx,
+        _ram: ram,
+        _vm: vm,
+        _devices: devices,
+        _vcpus: handles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_manager::MmioDeviceInfo;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            name: None,
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: " console=ttyS0 ".into(),
+            mem_mib: 256,
+            vcpus: 1,
+            serial: None,
+            mmio_cmdline: false,
+            log: None,
+        }
+    }
+
+    #[test]
+    fn mmio_cmdline_only_when_asked() {
+        let mut devices = DeviceManager::new();
+        devices.mmio_devices.push(MmioDeviceInfo {
+            base: 0xd000_0000,
+            len: 0x1000,
+            irq: 5,
+        });
+        let mut c = config();
+        assert_eq!(kernel_cmdline(&c, &devices), "console=ttyS0");
+        c.mmio_cmdline = true;
+        assert_eq!(
+            kernel_cmdline(&c, &devices),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! The validated machine configuration `flotilla-vmm` boots.
+//!
+//! Ranges follow the StratoVirt user guide (vCPUs 1..=254, memory 256 MiB..=512 GiB, name
+//! 1..=255 characters), so a command line StratoVirt rejects is rejected here too.
+
+use std::path::PathBuf;
+
+use crate::options::{KeyValues, OptionError, OptionSpec, ParsedOptions};
+
+/// Smallest guest memory accepted, in MiB.
+pub const MIN_MEM_MIB: u64 = 256;
+/// Largest guest memory accepted, in MiB (512 GiB).
+pub const MAX_MEM_MIB: u64 = 512 * 1024;
+/// Largest vCPU count accepted.
+pub const MAX_VCPUS: u8 = 254;
+/// Longest VM name accepted.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Where the guest's ttyS0 goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// Our stdin/stdout (raw mode when stdin is a terminal).
+    Stdio,
+    /// Appended to a file; no input.
+    File(PathBuf),
+}
+
+/// Everything needed to build and boot a microvm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// `-name`, used in logs.
+    pub name: Option<String>,
+    /// Kernel image: bzImage or ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line given by the user (the VMM may append to it).
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Serial console destination; `None` discards guest output.
+    pub serial: Option<SerialConfig>,
+    /// Also describe virtio-mmio devices with `virtio_mmio.device=` on the kernel command line,
+    /// for custom kernels built without ACPI.
+    pub mmio_cmdline: bool,
+    /// `-D [file]`: log destination (`Some(None)` = stderr).
+    pub log: Option<Option<PathBuf>>,
+}
+
+/// The options `flotilla-vmm` accepts on its own command line.
+pub const VMM_OPTIONS: &[OptionSpec] = &[
+    OptionSpec::value("kernel"),
+    OptionSpec::value("initrd"),
+    OptionSpec::value("append"),
+    OptionSpec::value("m"),
+    OptionSpec::value("smp"),
+    OptionSpec::value("serial"),
+    OptionSpec::value("name"),
+    OptionSpec::value("machine"),
+    OptionSpec::optional("D"),
+    OptionSpec::flag("help"),
+    OptionSpec::flag("h"),
+    OptionSpec::flag("version"),
+];
+
+impl VmConfig {
+    /// Builds and validates a configuration from parsed options.
+    pub fn from_options(opts: &ParsedOptions) -> Result<Self, OptionError> {
+        let kernel = opts
+            .value("kernel")
+            .ok_or_else(|| OptionError::MissingValue("kernel".into()))?;
+        let name = opts.value("name").map(parse_name).transpose()?;
+        let mem_mib = opts
+            .value("m")
+            .map(parse_mem_mib)
+            .transpose()?
+            .unwrap_or(MIN_MEM_MIB);
+        let vcpus = opts.value("smp").map(parse_smp).transpose()?.unwrap_or(1);
+        let serial = opts.value("serial").map(parse_serial).transpose()?;
+        let mmio_cmdline = match opts.value("machine") {
+            Some(text) => parse_machine(text)?,
+            None => false,
+        };
+        Ok(VmConfig {
+            name,
+            kernel: PathBuf::from(kernel),
+            initrd: opts.value("initrd").map(PathBuf::from),
+            cmdline: opts.value("append").unwrap_or_default().to_string(),
+            mem_mib,
+            vcpus,
+            serial,
+            mmio_cmdline,
+            log: opts.has("D").then(|| opts.value("D").map(PathBuf::from)),
+        })
+    }
+}
+
+fn invalid(option: &str, value: &str, reason: &str) -> OptionError {
+    OptionError::InvalidValue {
+        option: option.into(),
+        key: option.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `-name NAME`: 1..=255 characters.
+pub fn parse_name(text: &str) -> Result<String, OptionError> {
+    if text.is_empty() || text.chars().count() > MAX_NAME_LEN {
+        return Err(invalid("name", text, "must be 1 to 255 characters"));
+    }
+    Ok(text.to_string())
+}
+
+/// `-m N[M|G]` (MiB without a suffix), within 256 MiB..=512 GiB.
+pub fn parse_mem_mib(text: &str) -> Result<u64, OptionError> {
+    let (digits, scale) = match text.char_indices().last() {
+        Some((i, 'M' | 'm')) => (&text[..i], 1),
+        Some((i, 'G' | 'g')) => (&text[..i], 1024),
+        _ => (text, 1),
+    };
+    let mib = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| invalid("m", text, "expected a size such as 512, 512M or 2G"))?;
+    if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
+        return Err(invalid("m", text, "memory must be between 256M and 512G"));
+    }
+    Ok(mib)
+}
+
+/// `-smp [cpus=]N`, 1..=254.
+pub fn parse_smp(text: &str) -> Result<u8, OptionError> {
+    let kv = KeyValues::parse("smp", text, Some("cpus"))?;
+    kv.check_keys(&["cpus"])?;
+    let cpus = kv.get("cpus").unwrap_or_default();
+    match cpus.parse::<u8>() {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(kv.invalid("cpus", cpus, "must be between 1 and 254")),
+    }
+}
+
+/// `-serial stdio|file:PATH`.
+pub fn parse_serial(text: &str) -> Result<SerialConfig, OptionError> {
+    match text {
+        "stdio" => Ok(SerialConfig::Stdio),
+        _ => match text.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+            _ => Err(invalid("serial", text, "expected stdio or file:PATH")),
+        },
+    }
+}
+
+/// `-machine [type=]microvm[,virtio-mmio-cmdline=on|off]`; returns the cmdline switch.
+fn parse_machine(text: &str) -> Result<bool, OptionError> {
+    let kv = KeyValues::parse("machine", text, Some("type"))?;
+    kv.check_keys(&["type", "virtio-mmio-cmdline"])?;
+    match kv.get("type") {
+        None | Some("microvm") => {}
+        Some(other) => return Err(kv.invalid("type", other, "only microvm is supported")),
+    }
+    Ok(kv.get_bool("virtio-mmio-cmdline")?.unwrap_or(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::parse;
+
+    fn config(args: &[&str]) -> Result<VmConfig, OptionError> {
+        VmConfig::from_options(&parse(VMM_OPTIONS, args.iter().copied())?)
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = config(&[
+            "-kernel",
+            "k",
+            "-initrd",
+            "i",
+            "-append",
+            "console=ttyS0",
+            "-m",
+            "1G",
+            "-smp",
+            "cpus=4",
+            "-serial",
+            "file:/tmp/s",
+            "-name",
+            "vm1",
+            "-machine",
+            "microvm,virtio-mmio-cmdline=on",
+            "-D",
+        ])
+        .unwrap();
+        assert_eq!(c.mem_mib, 1024);
+        assert_eq!(c.vcpus, 4);
+        assert_eq!(c.serial, Some(SerialConfig::File("/tmp/s".into())));
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+        assert!(c.mmio_cmdline);
+        assert_eq!(c.log, Some(None));
+        assert_eq!(c.cmdline, "console=ttyS0");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&["-kernel", "k"]).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus, c.serial, c.log), (256, 1, None, None));
+    }
+
+    #[test]
+    fn ranges_are_enforced() {
+        assert_eq!(parse_mem_mib("256").unwrap(), 256);
+        assert_eq!(parse_mem_mib("512G").unwrap(), 512 * 1024);
+        for bad in ["255", "513G", "", "G", "12X", "-5", "99999999999999999999G"] {
+            assert!(parse_mem_mib(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_smp("254").unwrap(), 254);
+        for bad in ["0", "255", "two", "cpus=", "sockets=1"] {
+            assert!(parse_smp(bad).is_err(), "{bad}");
+        }
+        assert!(parse_name("").is_err());
+        assert!(parse_name(&"x".repeat(256)).is_err());
+        assert!(parse_name(&"x".repeat(255)).is_ok());
+        assert!(parse_serial("pty").is_err());
+        assert!(parse_serial("file:").is_err());
+        assert!(config(&["-kernel", "k", "-machine", "q35"]).is_err());
+        assert!(config(&["-m", "512"]).is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! flotilla-vmm, the core of the flotilla VMM: KVM, guest memory, vCPUs, the irqchip, legacy
+//! devices and virtio transports. Device backends run in other processes (DESIGN.md); this
+//! crate never touches a disk image or a tap.
+
+#![deny(missing_docs)]
+
+pub mod acpi;
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod device_manager;
+pub mod devices;
+pub mod exit;
+pub mod logger;
+pub mod options;
+pub mod terminal;
+pub mod transport;
+pub mod vstate;

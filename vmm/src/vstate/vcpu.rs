@@ -1,0 +1,197 @@
+//! vCPUs: creation, boot-state configuration, and the run loop that dispatches exits to the
+//! buses. One thread per vCPU.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestAddress;
+
+use crate::arch::{cpuid, interrupts, regs};
+use crate::device_manager::DeviceManager;
+use crate::exit::VmExit;
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vm::Vm;
+
+/// Errors creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("vCPU {index}: KVM {what} failed: {source}")]
+    Ioctl {
+        /// vCPU index.
+        index: u8,
+        /// Which ioctl.
+        what: &'static str,
+        /// Underlying error.
+        source: kvm_ioctls::Error,
+    },
+    /// Register set-up failed.
+    #[error("vCPU {index}: {source}")]
+    Regs {
+        /// vCPU index.
+        index: u8,
+        /// Underlying error.
+        source: regs::RegsError,
+    },
+    /// The thread could not be spawned.
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Spawn {
+        /// vCPU index.
+        index: u8,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A configured, not yet running vCPU.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` (its APIC id too).
+    pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Ioctl {
+                index,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        Ok(Vcpu { index, fd })
+    }
+
+    /// Sets CPUID (topology for `count` vCPUs), MSRs, FPU and LAPIC; the boot vCPU also gets
+    /// the long-mode registers that enter the kernel at `entry`. Application processors wait
+    /// for INIT/SIPI from the guest, handled by the in-kernel LAPIC.
+    pub fn configure(
+        &self,
+        vm: &Vm,
+        memory: &GuestMemory,
+        count: u8,
+        entry: GuestAddress,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let ioctl = |what| {
+            move |source| VcpuError::Ioctl {
+                index,
+                what,
+                source,
+            }
+        };
+        let regs_err = |source| VcpuError::Regs { index, source };
+        let mut cpuid = vm
+            .kvm()
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::set_topology(&mut cpuid, index, count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        regs::setup_msrs(&self.fd).map_err(regs_err)?;
+        regs::setup_fpu(&self.fd).map_err(regs_err)?;
+        interrupts::set_lint(&self.fd).map_err(ioctl("KVM_SET_LAPIC"))?;
+        if index == 0 {
+            regs::setup_regs(&self.fd, entry).map_err(regs_err)?;
+            regs::setup_sregs(memory, &self.fd).map_err(regs_err)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU thread; it reports why it stopped on `exit`.
+    pub fn start(
+        self,
+        devices: Arc<DeviceManager>,
+        exit: Sender<VmExit>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let reason = self.run(&devices);
+                if let VmExit::Error(msg) = &reason {
+                    log::error!("{msg}");
+                }
+                // The receiver is gone only when the VM is already being torn down.
+                let _ = exit.send(reason);
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })
+    }
+
+    /// Runs the guest until something ends the VM.
+    fn run(mut self, devices: &DeviceManager) -> VmExit {
+        loop {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => devices.pio.read(u64::from(port), data),
+                Ok(VcpuExit::IoOut(port, data)) => devices.pio.write(u64::from(port), data),
+                Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio.write(addr, data),
+                // With the in-kernel LAPIC, HLT is handled in KVM; seeing it here is harmless.
+                Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::Shutdown) => {
+                    log::info!("vCPU {}: triple fault (guest reset)", self.index);
+                    return VmExit::Reset;
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => return VmExit::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => return VmExit::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => return self.fatal("guest crash system event"),
+                    other => return self.fatal(&format!("unknown system event {other}")),
+                },
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    return self.fatal(&format!(
+                        "KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                    ))
+                }
+                Ok(VcpuExit::InternalError) => {
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                    // active member of the kvm_run exit union.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    return self.fatal(&format!("KVM internal error (suberror {suberror})"));
+                }
+                Ok(other) => {
+                    let what = format!("unexpected exit {other:?}");
+                    return self.fatal(&what);
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => return self.fatal(&format!("KVM_RUN failed: {e}")),
+            }
+        }
+    }
+
+    fn fatal(&self, what: &str) -> VmExit {
+        VmExit::Error(format!(
+            "vCPU {}: {what}; {}",
+            self.index,
+            self.register_dump()
+        ))
+    }
+
+    /// A one-line register dump for post-mortem logs.
+    pub fn register_dump(&self) -> String {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi
+            ),
+            Err(e) => format!("regs unavailable: {e}"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => format!(
+                "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{:#x}",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base
+            ),
+            Err(e) => format!("sregs unavailable: {e}"),
+        };
+        format!("{regs} {sregs}")
+    }
+}
