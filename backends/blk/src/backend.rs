@@ -1,0 +1,700 @@
+//! The vhost-user device: [`BlockBackend`] implements `VhostUserBackend`,
+//! and each queue is served by its own worker thread through a
+//! [`QueueWorker`].
+//!
+//! The library gives every queue its own epoll thread (`queues_per_thread`
+//! returns one bit per thread). On that thread three events drive a queue:
+//! the guest's kick (event 0 of the thread), the I/O engine's completion fd,
+//! and the throttle timer. Requests are popped, parsed, started, and
+//! completed when the engine reports them, in whatever order the disk
+//! finishes them; virtio-blk does not require in-order completion.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_backend::logger::RateLimiter;
+use flotilla_backend::warn_limited;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::aio::{self, AioMode, Completion, Engine, Op};
+use crate::config::{DeviceParams, VirtioBlkConfig, MAX_QUEUE_SIZE};
+use crate::disk::{AlignedBuf, Disk};
+use crate::request::{self, Kind, Limits, Request, Segment};
+use crate::throttle::TokenBucket;
+use crate::{Error, GuestMem, Result};
+
+/// How long `GET_VRING_BASE` waits for a queue's requests to finish before
+/// giving up (and letting the frontend see the ring as it is).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Guest-triggered warnings per queue: at most this many per second.
+const WARN_BURST: u32 = 10;
+
+/// What the device serves, besides the image.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Request queues (and worker threads).
+    pub num_queues: u16,
+    /// The GET_ID answer (truncated to 20 bytes).
+    pub serial: String,
+    /// I/O engine.
+    pub aio: AioMode,
+    /// Requests per second over all queues; `None` is unlimited.
+    pub iops_total: Option<u64>,
+}
+
+/// Counts a queue's requests in flight so that stopping the ring can wait
+/// for them (the library calls `stop_vring` for GET_VRING_BASE and expects
+/// asynchronous backends to drain there).
+#[derive(Debug, Default)]
+struct InflightCount {
+    n: Mutex<usize>,
+    zero: Condvar,
+}
+
+impl InflightCount {
+    fn add(&self, delta: isize) {
+        let mut n = self.n.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.zero.notify_all();
+        }
+    }
+
+    fn wait_zero(&self, timeout: Duration) -> bool {
+        let n = self.n.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, _) = self
+            .zero
+            .wait_timeout_while(n, timeout, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *n == 0
+    }
+}
+
+/// The virtio-blk vhost-user device.
+pub struct BlockBackend {
+    params: DeviceParams,
+    config: VirtioBlkConfig,
+    workers: Vec<Mutex<QueueWorker>>,
+    inflight: Vec<Arc<InflightCount>>,
+    event_idx: AtomicBool,
+    mem: Mutex<GuestMemoryAtomic<GuestMem>>,
+}
+
+impl BlockBackend {
+    /// Builds the device and one worker per queue for `disk`.
+    pub fn new(
+        disk: Arc<Disk>,
+        opts: &BackendOptions,
+        mem: GuestMemoryAtomic<GuestMem>,
+    ) -> Result<Self> {
+        if opts.num_queues == 0 || opts.num_queues > 64 {
+            return Err(Error::Options(format!(
+                "--num-queues {} is outside 1..=64",
+                opts.num_queues
+            )));
+        }
+        let params = DeviceParams {
+            capacity_sectors: disk.sectors(),
+            block_size: disk.align() as u32,
+            num_queues: opts.num_queues,
+            readonly: disk.readonly(),
+        };
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let id = opts.serial.as_bytes();
+        let n = id.len().min(serial.len());
+        serial[..n].copy_from_slice(&id[..n]);
+        let throttle = opts
+            .iops_total
+            .map(|rate| Arc::new(Mutex::new(TokenBucket::new(rate, Instant::now()))));
+        let mode = opts.aio.resolve();
+        log::info!(
+            "{}: {} sectors, block size {}, {} queue(s), aio {:?}{}{}",
+            disk.path().display(),
+            params.capacity_sectors,
+            params.block_size,
+            opts.num_queues,
+            mode,
+            if disk.readonly() { ", read-only" } else { "" },
+            if disk.direct() { ", direct" } else { "" },
+        );
+        let mut workers = Vec::new();
+        let mut inflight = Vec::new();
+        for index in 0..usize::from(opts.num_queues) {
+            let count = Arc::new(InflightCount::default());
+            let engine =
+                aio::new_engine(mode, disk.fd(), u32::from(MAX_QUEUE_SIZE)).map_err(|source| {
+                    Error::Engine {
+                        queue: index,
+                        source,
+                    }
+                })?;
+            let timer = TimerFd::new().map_err(|e| Error::Engine {
+                queue: index,
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+            workers.push(Mutex::new(QueueWorker {
+                index,
+                disk: disk.clone(),
+                engine,
+                limits: params.limits(),
+                serial,
+                pending: HashMap::new(),
+                next_token: 0,
+                count: count.clone(),
+                throttle: throttle.clone(),
+                timer,
+                throttled: false,
+                completions: Vec::new(),
+                warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
+            }));
+            inflight.push(count);
+        }
+        Ok(BlockBackend {
+            config: params.config(),
+            params,
+            workers,
+            inflight,
+            event_idx: AtomicBool::new(false),
+            mem: Mutex::new(mem),
+        })
+    }
+
+    /// Event id of the engine completion fd on every worker's epoll.
+    pub fn completion_event(&self) -> u64 {
+        u64::from(self.params.num_queues) + 1
+    }
+
+    /// Event id of the throttle timer on every worker's epoll.
+    pub fn timer_event(&self) -> u64 {
+        u64::from(self.params.num_queues) + 2
+    }
+
+    /// The extra fds each worker thread must watch: `(thread, fd, event id)`.
+    /// Register them with `VringEpollHandler::register_listener`.
+    pub fn listeners(&self) -> Vec<(usize, RawFd, u64)> {
+        let mut out = Vec::new();
+        for (thread, w) in self.workers.iter().enumerate() {
+            let w = w.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(fd) = w.engine.completion_fd() {
+                out.push((thread, fd, self.completion_event()));
+            }
+            out.push((thread, w.timer.as_raw_fd(), self.timer_event()));
+        }
+        out
+    }
+
+    fn memory(&self) -> GuestMemoryAtomic<GuestMem> {
+        self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.params.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(MAX_QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        self.params.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Out-of-range bytes read as zero rather than failing the message.
+        let cfg = self.config.as_slice();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(cfg.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(cfg.len());
+        out[..end - start].copy_from_slice(&cfg[start..end]);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> std::io::Result<()> {
+        *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.params.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("cannot create exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        if let Some(count) = self.inflight.get(queue_index as usize) {
+            if !count.wait_zero(DRAIN_TIMEOUT) {
+                log::error!(
+                    "queue {queue_index}: requests still in flight after {DRAIN_TIMEOUT:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            log::warn!("unexpected event set {evset:?} for event {device_event}");
+        }
+        let (Some(vring), Some(worker)) = (vrings.first(), self.workers.get(thread_id)) else {
+            return Err(std::io::Error::other(format!(
+                "no queue for worker thread {thread_id}"
+            )));
+        };
+        let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mem = self.memory();
+        match u64::from(device_event) {
+            0 => worker.process_queue(vring, &mem, event_idx),
+            e if e == self.completion_event() => worker.complete(vring, event_idx),
+            e if e == self.timer_event() => {
+                // The timer fired; a failed read only means it was re-armed.
+                let _ = worker.timer.wait();
+                worker.throttled = false;
+                worker.process_queue(vring, &mem, event_idx);
+            }
+            other => log::warn!("queue {thread_id}: unknown event {other}"),
+        }
+        Ok(())
+    }
+}
+
+/// A request handed to the engine and not yet completed.
+struct Pending {
+    head: u16,
+    status: GuestAddress,
+    /// Keeps the guest mapping the iovecs point into alive until completion,
+    /// even if the frontend replaces the memory table meanwhile.
+    mem: Arc<GuestMem>,
+    expected: usize,
+    is_read: bool,
+    /// O_DIRECT bounce buffer; for reads, the guest buffers to copy into.
+    bounce: Option<(AlignedBuf, Vec<Segment>)>,
+}
+
+/// One queue's state, only touched from its own worker thread (and
+/// `listeners` at setup).
+pub struct QueueWorker {
+    index: usize,
+    disk: Arc<Disk>,
+    engine: Box<dyn Engine>,
+    limits: Limits,
+    serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    pending: HashMap<u64, Pending>,
+    next_token: u64,
+    count: Arc<InflightCount>,
+    throttle: Option<Arc<Mutex<TokenBucket>>>,
+    timer: TimerFd,
+    throttled: bool,
+    completions: Vec<Completion>,
+    warn: Mutex<RateLimiter>,
+}
+
+/// Outcome of starting a request.
+enum Started {
+    /// Done already: status byte and used length.
+    Done(u8, u32),
+    /// In the engine; completes later.
+    InFlight,
+}
+
+impl QueueWorker {
+    /// Serves the avail ring until it is empty (or the throttle says stop).
+    fn process_queue(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        event_idx: bool,
+    ) {
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    log::error!("queue {}: disable notification: {e}", self.index);
+                }
+            }
+            let used = self.drain_avail(vring, mem);
+            if let Err(e) = self.engine.commit() {
+                log::error!("queue {}: submitting I/O: {e}", self.index);
+            }
+            // Engines that finished synchronously have completions already.
+            self.complete(vring, event_idx);
+            if used {
+                signal(vring, event_idx, self.index);
+            }
+            if self.throttled || !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::error!("queue {}: enable notification: {e}", self.index);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Pops and starts requests; returns whether any was completed on the spot.
+    fn drain_avail(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> bool {
+        let mut used_any = false;
+        loop {
+            let guard = mem.memory();
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(guard.clone());
+            let Some(chain) = chain else { break };
+            if let Some(bucket) = &self.throttle {
+                let verdict = bucket
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .try_take(Instant::now());
+                if let Err(wait) = verdict {
+                    // Leave the chain in the ring and come back when a token is due.
+                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    self.throttled = true;
+                    if let Err(e) = self.timer.reset(wait, None) {
+                        log::error!("queue {}: arming throttle timer: {e}", self.index);
+                    }
+                    break;
+                }
+            }
+            let head = chain.head_index();
+            let segs: Vec<Segment> = chain
+                .map(|d| Segment {
+                    addr: d.addr(),
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                })
+                .collect();
+            let mem = guard.into_inner();
+            match request::parse(&segs, &mem, &self.limits) {
+                Err(rejected) => {
+                    warn_limited!(
+                        self.warn,
+                        "queue {}: request refused: {}",
+                        self.index,
+                        rejected.error
+                    );
+                    let len = match rejected.status {
+                        Some(at) => {
+                            write_status(&mem, at, rejected.error.status());
+                            1
+                        }
+                        None => 0,
+                    };
+                    self.add_used(vring, head, len);
+                    used_any = true;
+                }
+                Ok(req) => {
+                    let status_at = req.status;
+                    match self.start(req, head, mem.clone()) {
+                        Started::Done(status, len) => {
+                            write_status(&mem, status_at, status);
+                            self.add_used(vring, head, len);
+                            used_any = true;
+                        }
+                        Started::InFlight => {}
+                    }
+                }
+            }
+        }
+        used_any
+    }
+
+    fn add_used(&self, vring: &VringRwLock, head: u16, len: u32) {
+        if let Err(e) = vring.add_used(head, len) {
+            log::error!("queue {}: add_used({head}): {e}", self.index);
+        }
+    }
+
+    fn ioerr(&self, what: std::fmt::Arguments) -> Started {
+        warn_limited!(self.warn, "queue {}: {}", self.index, what);
+        Started::Done(VIRTIO_BLK_S_IOERR as u8, 1)
+    }
+
+    /// Starts a parsed request.
+    fn start(&mut self, req: Request, head: u16, mem: Arc<GuestMem>) -> Started {
+        let status = req.status;
+        match req.kind {
+            Kind::GetId { segs } => {
+                let mut written = 0usize;
+                for s in segs {
+                    if written == self.serial.len() {
+                        break;
+                    }
+                    let n = (s.len as usize).min(self.serial.len() - written);
+                    if mem
+                        .write_slice(&self.serial[written..written + n], s.addr)
+                        .is_err()
+                    {
+                        return self.ioerr(format_args!("GET_ID buffer vanished"));
+                    }
+                    written += n;
+                }
+                Started::Done(VIRTIO_BLK_S_OK as u8, written as u32 + 1)
+            }
+            Kind::Discard(ranges) | Kind::WriteZeroes(ranges) if self.disk.readonly() => {
+                let _ = ranges;
+                self.ioerr(format_args!("discard/write-zeroes on a read-only disk"))
+            }
+            Kind::Discard(ranges) => {
+                for r in ranges {
+                    if let Err(e) = self.disk.discard(r.offset, r.len) {
+                        return self.ioerr(format_args!(
+                            "discard {}+{} on {}: {e}",
+                            r.offset,
+                            r.len,
+                            self.disk.path().display()
+                        ));
+                    }
+                }
+                Started::Done(VIRTIO_BLK_S_OK as u8, 1)
+            }
+            Kind::WriteZeroes(ranges) => {
+                for r in ranges {
+                    if let Err(e) = self.disk.write_zeroes(r.offset, r.len, r.unmap) {
+                        return self.ioerr(format_args!(
+                            "write-zeroes {}+{} on {}: {e}",
+                            r.offset,
+                            r.len,
+                            self.disk.path().display()
+                        ));
+                    }
+                }
+                Started::Done(VIRTIO_BLK_S_OK as u8, 1)
+            }
+            Kind::Flush => self.submit(
+                Op::Flush,
+                Pending {
+                    head,
+                    status,
+                    mem,
+                    expected: 0,
+                    is_read: false,
+                    bounce: None,
+                },
+            ),
+            Kind::Write { .. } if self.disk.readonly() => {
+                self.ioerr(format_args!("write to a read-only disk"))
+            }
+            Kind::Read { offset, segs } | Kind::Write { offset, segs } => {
+                let is_read = req_is_read(&segs);
+                let expected: usize = segs.iter().map(|s| s.len as usize).sum();
+                let align = self.disk.align();
+                if self.disk.direct() && (offset % align as u64 != 0 || expected % align != 0) {
+                    return self.ioerr(format_args!(
+                        "request {offset}+{expected} not aligned to the {align}-byte block size"
+                    ));
+                }
+                let iov = match guest_iovecs(&mem, &segs) {
+                    Ok(iov) => iov,
+                    Err(e) => return self.ioerr(format_args!("{e}")),
+                };
+                let aligned = iov
+                    .iter()
+                    .all(|v| v.iov_base as usize % align == 0 && v.iov_len % align == 0);
+                let (iov, bounce) = if self.disk.direct() && !aligned {
+                    let mut buf = AlignedBuf::new(expected, align);
+                    if !is_read {
+                        let mut at = 0;
+                        for s in &segs {
+                            let dst = &mut buf.as_mut_slice()[at..at + s.len as usize];
+                            if mem.read_slice(dst, s.addr).is_err() {
+                                return self.ioerr(format_args!("write buffer vanished"));
+                            }
+                            at += s.len as usize;
+                        }
+                    }
+                    let one = vec![libc::iovec {
+                        iov_base: buf.as_mut_slice().as_mut_ptr() as *mut libc::c_void,
+                        iov_len: expected,
+                    }];
+                    (one, Some((buf, segs)))
+                } else {
+                    (iov, None)
+                };
+                let op = if is_read {
+                    Op::Read { offset, iov }
+                } else {
+                    Op::Write { offset, iov }
+                };
+                self.submit(
+                    op,
+                    Pending {
+                        head,
+                        status,
+                        mem,
+                        expected,
+                        is_read,
+                        bounce,
+                    },
+                )
+            }
+        }
+    }
+
+    fn submit(&mut self, op: Op, pending: Pending) -> Started {
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1);
+        self.pending.insert(token, pending);
+        self.count.add(1);
+        match self.engine.submit(token, op) {
+            Ok(()) => Started::InFlight,
+            Err(e) => {
+                self.pending.remove(&token);
+                self.count.add(-1);
+                self.ioerr(format_args!("cannot submit I/O: {e}"))
+            }
+        }
+    }
+
+    /// Finishes whatever the engine has completed.
+    fn complete(&mut self, vring: &VringRwLock, event_idx: bool) {
+        self.engine.reap(&mut self.completions);
+        if self.completions.is_empty() {
+            return;
+        }
+        let done = std::mem::take(&mut self.completions);
+        for c in &done {
+            let Some(p) = self.pending.remove(&c.token) else {
+                log::error!(
+                    "queue {}: completion for unknown token {}",
+                    self.index,
+                    c.token
+                );
+                continue;
+            };
+            let ok = match &c.result {
+                Ok(n) if *n == p.expected => true,
+                Ok(n) => {
+                    warn_limited!(
+                        self.warn,
+                        "queue {}: short transfer {n} of {}",
+                        self.index,
+                        p.expected
+                    );
+                    false
+                }
+                Err(e) => {
+                    warn_limited!(
+                        self.warn,
+                        "queue {}: I/O error on {}: {e}",
+                        self.index,
+                        self.disk.path().display()
+                    );
+                    false
+                }
+            };
+            let mut ok = ok;
+            if ok && p.is_read {
+                if let Some((buf, segs)) = &p.bounce {
+                    let mut at = 0;
+                    for s in segs {
+                        let src = &buf.as_slice()[at..at + s.len as usize];
+                        ok &= p.mem.write_slice(src, s.addr).is_ok();
+                        at += s.len as usize;
+                    }
+                }
+            }
+            let (status, len) = match (ok, p.is_read) {
+                (true, true) => (VIRTIO_BLK_S_OK, p.expected as u32 + 1),
+                (true, false) => (VIRTIO_BLK_S_OK, 1),
+                (false, _) => (VIRTIO_BLK_S_IOERR, 1),
+            };
+            write_status(&p.mem, p.status, status as u8);
+            self.add_used(vring, p.head, len);
+            self.count.add(-1);
+        }
+        self.completions = done;
+        self.completions.clear();
+        signal(vring, event_idx, self.index);
+    }
+}
+
+fn req_is_read(segs: &[Segment]) -> bool {
+    // The parser guarantees all data buffers of a read are device-writable
+    // and all of a write device-readable; an empty request is a no-op either way.
+    segs.first().is_some_and(|s| s.writable)
+}
+
+/// The host addresses of the guest buffers, split where they cross regions.
+fn guest_iovecs(mem: &GuestMem, segs: &[Segment]) -> std::result::Result<Vec<libc::iovec>, String> {
+    let mut iov = Vec::with_capacity(segs.len());
+    for s in segs {
+        for slice in GuestMemoryBackend::get_slices(mem, s.addr, s.len as usize) {
+            let slice = slice.map_err(|e| format!("buffer {:#x}+{}: {e}", s.addr.0, s.len))?;
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Ok(iov)
+}
+
+fn write_status(mem: &GuestMem, at: GuestAddress, status: u8) {
+    if let Err(e) = mem.write_obj(status, at) {
+        log::warn!("cannot write status byte at {:#x}: {e}", at.0);
+    }
+}
+
+fn signal(vring: &VringRwLock, event_idx: bool, queue: usize) {
+    let needed = if event_idx {
+        vring.needs_notification().unwrap_or(true)
+    } else {
+        true
+    };
+    if needed {
+        if let Err(e) = vring.signal_used_queue() {
+            log::error!("queue {queue}: signalling the guest: {e}");
+        }
+    }
+}
