@@ -1,0 +1,139 @@
+//! Helpers shared by the integration tests: a temporary directory, a
+//! flotilla-blk child process, and a small deterministic PRNG.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let template = std::env::temp_dir().join(format!("flotilla-blk-{tag}.XXXXXX"));
+        TempDir(nix::unistd::mkdtemp(&template).expect("mkdtemp"))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running flotilla-blk serving an image in its own temporary directory.
+pub struct Backend {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub image: PathBuf,
+    pub dir: TempDir,
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla-blk");
+
+impl Backend {
+    /// Writes `image` to a file and starts the backend on a socket next to it.
+    pub fn spawn(tag: &str, image: &[u8], args: &[&str]) -> Backend {
+        let dir = TempDir::new(tag);
+        let image_path = dir.0.join("disk.img");
+        std::fs::write(&image_path, image).expect("write image");
+        let sock = dir.0.join("blk.sock");
+        let child = Command::new(BIN)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--image")
+            .arg(&image_path)
+            .args(["--log-level", "warn"])
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn flotilla-blk");
+        wait_for(&sock);
+        Backend {
+            child,
+            sock,
+            image: image_path,
+            dir,
+        }
+    }
+
+    /// The image file's current contents.
+    pub fn image_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.image).expect("read image")
+    }
+
+    /// Waits for the child to exit by itself (it does when the frontend
+    /// disconnects) and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `path` exists (the backend is listening).
+pub fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// xorshift64*: deterministic, good enough to pick offsets.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// An image of `len` bytes of seeded pseudo-random data.
+pub fn random_image(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng(seed).fill(&mut v);
+    v
+}
