@@ -1,0 +1,157 @@
+//! `KvmHost`: where commands that need a real KVM run.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::l1::L1Vm;
+use crate::{paths, process, shell_quote};
+
+/// Exit status and captured output of a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Exit code; 128 + N when killed by signal N.
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+
+    /// stdout, lossily decoded.
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// stderr, lossily decoded.
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// A machine with a working hardware-assisted `/dev/kvm`.
+///
+/// On a host with `kvm_intel`/`kvm_amd` commands run directly. Otherwise (the
+/// PVM development machines) the first command boots an L1 QEMU-TCG VM with
+/// nested SVM, and every command of this process runs inside it, one at a
+/// time. Paths are the same in both cases, and commands start in the
+/// workspace root.
+pub struct KvmHost {
+    mode: Mode,
+}
+
+enum Mode {
+    Direct,
+    /// `None` until the first command, and again after the VM was found
+    /// broken (it is rebooted on the next command).
+    Nested(Mutex<Option<L1Vm>>),
+}
+
+impl KvmHost {
+    /// The process-wide KVM host. Cheap: the L1 VM boots lazily on the first
+    /// [`run`](Self::run).
+    ///
+    /// `FLOTILLA_KVM_HOST=direct|nested` overrides the detection.
+    pub fn get() -> &'static KvmHost {
+        static HOST: OnceLock<KvmHost> = OnceLock::new();
+        HOST.get_or_init(|| {
+            let nested = match std::env::var("FLOTILLA_KVM_HOST").as_deref() {
+                Ok("direct") => false,
+                Ok("nested") => true,
+                _ => !has_hardware_kvm(),
+            };
+            KvmHost {
+                mode: if nested {
+                    Mode::Nested(Mutex::new(None))
+                } else {
+                    Mode::Direct
+                },
+            }
+        })
+    }
+
+    /// Whether commands run in the nested L1 VM.
+    pub fn is_nested(&self) -> bool {
+        matches!(self.mode, Mode::Nested(_))
+    }
+
+    /// Runs `command` with `sh -c` on the KVM host, from the workspace root,
+    /// with stdin closed. Returns its status and output; a non-zero status is
+    /// not an error. After `timeout` the command and everything it started
+    /// are killed and [`Error::Timeout`] carries the output so far.
+    pub fn run(&self, command: &str, timeout: Duration) -> Result<Output> {
+        let root = paths::workspace_root();
+        let full = format!("cd {} && {}", shell_quote(&root.to_string_lossy()), command);
+        match &self.mode {
+            Mode::Direct => {
+                let result = process::run_with_timeout(
+                    Command::new("sh").arg("-c").arg(&full).current_dir(&root),
+                    timeout,
+                );
+                rename_timeout(result, command)
+            }
+            Mode::Nested(vm) => {
+                // A test that panicked while holding the lock leaves the VM in
+                // a consistent state (commands are whole round trips), so a
+                // poisoned lock is simply taken over.
+                let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+                if vm.is_none() {
+                    *vm = Some(L1Vm::boot()?);
+                }
+                let l1 = vm.as_mut().ok_or_else(|| Error::L1Boot {
+                    attempts: 0,
+                    reason: "internal: no VM after boot".into(),
+                })?;
+                let result = l1.exec(&full, timeout);
+                if matches!(result, Err(Error::Agent { .. })) {
+                    // Broken channel or unresponsive agent: drop (kill) this
+                    // VM; the next command boots a fresh one.
+                    *vm = None;
+                }
+                rename_timeout(result, command)
+            }
+        }
+    }
+
+    /// Like [`run`](Self::run) with a `program` and arguments, quoted for
+    /// the shell.
+    pub fn run_args<S: AsRef<str>>(
+        &self,
+        program: &Path,
+        args: &[S],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let mut line = shell_quote(&program.to_string_lossy());
+        for a in args {
+            line.push(' ');
+            line.push_str(&shell_quote(a.as_ref()));
+        }
+        self.run(&line, timeout)
+    }
+}
+
+/// Reports the caller's command in timeouts, not the `cd ... &&` wrapper.
+fn rename_timeout(result: Result<Output>, command: &str) -> Result<Output> {
+    result.map_err(|e| match e {
+        Error::Timeout {
+            timeout, output, ..
+        } => Error::Timeout {
+            command: command.to_string(),
+            timeout,
+            output,
+        },
+        other => other,
+    })
+}
+
+/// Hardware KVM present (as opposed to PVM, which cannot boot real guests).
+pub fn has_hardware_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+        && (Path::new("/sys/module/kvm_intel").exists()
+            || Path::new("/sys/module/kvm_amd").exists())
+}

@@ -1,0 +1,104 @@
+//! Boot images for the test guest (L2) and the KVM host VM (L1), built by
+//! `tests/guest/build.sh` from Debian packages into `tests/cache/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::error::{Error, IoContext, Result};
+use crate::paths;
+
+/// A kernel + initramfs pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Images {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl Images {
+    fn in_cache(kind: &str) -> Images {
+        let dir = paths::cache_dir().join(kind);
+        Images {
+            kernel: dir.join("vmlinuz"),
+            initramfs: dir.join("initramfs.img"),
+        }
+    }
+}
+
+/// Runs build.sh once per process. It is idempotent and cheap when nothing
+/// changed, so running it (rather than only checking that the outputs exist)
+/// means an edited scenario or init script is never tested stale. Concurrent
+/// processes (nextest) serialize inside build.sh on a lock file.
+fn build_once() -> Result<()> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build("all").map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|msg| Error::ImageBuild {
+            status: "earlier in this process".into(),
+            stderr: msg,
+        })
+}
+
+fn build(target: &str) -> Result<()> {
+    let script = paths::tests_dir().join("guest/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(target)
+        .output()
+        .context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        return Err(Error::ImageBuild {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The test guest's images (Debian cloud kernel + scenario initramfs),
+/// building them if needed.
+pub fn guest_images() -> Result<Images> {
+    build_once()?;
+    checked(Images::in_cache("guest"))
+}
+
+/// The L1 KVM host VM's images (Debian generic kernel + agent initramfs),
+/// building them if needed.
+pub fn l1_images() -> Result<Images> {
+    build_once()?;
+    checked(Images::in_cache("l1"))
+}
+
+fn checked(images: Images) -> Result<Images> {
+    for (what, path) in [("kernel", &images.kernel), ("initramfs", &images.initramfs)] {
+        if !path.is_file() {
+            return Err(Error::Missing {
+                what,
+                path: path.clone(),
+                hint: " (tests/guest/build.sh did not produce it)",
+            });
+        }
+    }
+    Ok(images)
+}
+
+/// Writes `out` = `base` + a cpio archive of `dir`'s contents, so a test can
+/// add files to the guest (`dir/scenarios/x.sh` becomes `/scenarios/x.sh`)
+/// without rebuilding the base image: the kernel unpacks concatenated
+/// archives in order.
+pub fn extend_initramfs(base: &Path, out: &Path, dir: &Path) -> Result<()> {
+    let script = paths::tests_dir().join("guest/extend.sh");
+    let result = Command::new("bash")
+        .arg(&script)
+        .args([base, out, dir])
+        .output()
+        .context(|| format!("running {}", script.display()))?;
+    if !result.status.success() {
+        return Err(Error::ImageBuild {
+            status: result.status.to_string(),
+            stderr: String::from_utf8_lossy(&result.stderr).into_owned(),
+        });
+    }
+    Ok(())
+}

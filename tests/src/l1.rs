@@ -1,0 +1,514 @@
+//! The nested KVM host: an "L1" QEMU-TCG VM with nested SVM, and the client
+//! side of its command agent (`tests/l1/flotilla-agent`).
+//!
+//! Transport: the agent owns the VM's second serial port (ttyS1), which QEMU
+//! connects to a unix socket we listen on. A serial port needs no guest
+//! driver beyond the built-in 8250 and works the moment init runs. Framing
+//! (see the agent script): `RUN <id> <secs> <base64 cmd>` down,
+//! `FLOTILLA-AGENT-RESULT <id> status= timedout= stdout=<n> stderr=<m>` up,
+//! followed by exactly n + m bytes.
+
+use std::fs;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, IoContext, Result};
+use crate::host::Output;
+use crate::images::{self, Images};
+use crate::{paths, process};
+
+/// Boot attempts before giving up (TESTING.md "Known flake": some boots
+/// print nothing at all and never progress).
+pub const BOOT_ATTEMPTS: u32 = 4;
+/// How long a boot may go without the agent's ready marker before it counts
+/// as the flake (`FLOTILLA_L1_READY_TIMEOUT` seconds overrides). A healthy
+/// boot takes ~3 s on an idle machine and ~10 s on a busy one.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(25);
+/// Once init has started (`FLOTILLA-L1-BOOT` on the console), the boot is
+/// not the flake, just slow (a loaded machine): wait up to this long.
+pub const SLOW_BOOT_LIMIT: Duration = Duration::from_secs(120);
+/// Extra time the host side allows beyond a command's own timeout (which the
+/// agent enforces) before declaring the agent dead.
+const AGENT_GRACE: Duration = Duration::from_secs(30);
+/// L1 size, from the issue: room for a few L2 guests and the tmpfs overlay.
+const L1_MEM_MIB: u32 = 4096;
+const L1_CPUS: u32 = 2;
+
+/// A running L1 VM with a connected agent. Dropping it kills the VM.
+pub struct L1Vm {
+    child: Child,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    console_log: PathBuf,
+    next_id: u64,
+    /// Bytes read past a line while waiting for a header.
+    pending: Vec<u8>,
+}
+
+enum BootFailure {
+    /// Worth another attempt (no marker, QEMU died, ...).
+    Retry(String),
+    /// Retrying cannot help (missing images, L1 init reported failure).
+    Fatal(Error),
+}
+
+impl From<Error> for BootFailure {
+    fn from(e: Error) -> Self {
+        BootFailure::Fatal(e)
+    }
+}
+
+impl L1Vm {
+    /// Boots an L1 VM, retrying up to [`BOOT_ATTEMPTS`] times when it shows
+    /// no ready marker, and reports every retry on stderr.
+    pub fn boot() -> Result<L1Vm> {
+        let images = images::l1_images()?;
+        let logs = paths::log_dir();
+        fs::create_dir_all(&logs).context(|| format!("creating {}", logs.display()))?;
+        let ready_timeout = std::env::var("FLOTILLA_L1_READY_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(READY_TIMEOUT);
+        let mut last = String::new();
+        for attempt in 1..=BOOT_ATTEMPTS {
+            let started = Instant::now();
+            match Self::boot_once(&images, &logs, attempt, ready_timeout) {
+                Ok(vm) => {
+                    let msg = format!(
+                        "flotilla-tests: L1 KVM host ready in {:.1}s (attempt {attempt}/{BOOT_ATTEMPTS}, console {})",
+                        started.elapsed().as_secs_f64(),
+                        vm.console_log.display()
+                    );
+                    if attempt > 1 || std::env::var_os("FLOTILLA_TESTS_VERBOSE").is_some() {
+                        eprintln!("{msg}");
+                    }
+                    return Ok(vm);
+                }
+                Err(BootFailure::Retry(reason)) => {
+                    eprintln!(
+                        "flotilla-tests: L1 boot attempt {attempt}/{BOOT_ATTEMPTS} failed after {:.1}s: {reason}{}",
+                        started.elapsed().as_secs_f64(),
+                        if attempt < BOOT_ATTEMPTS { "; killing it and booting again" } else { "" }
+                    );
+                    last = reason;
+                }
+                Err(BootFailure::Fatal(e)) => return Err(e),
+            }
+        }
+        Err(Error::L1Boot {
+            attempts: BOOT_ATTEMPTS,
+            reason: last,
+        })
+    }
+
+    fn boot_once(
+        images: &Images,
+        logs: &Path,
+        attempt: u32,
+        ready_timeout: Duration,
+    ) -> std::result::Result<L1Vm, BootFailure> {
+        let pid = std::process::id();
+        let console_log = logs.join(format!("l1-{pid}-{attempt}.console.log"));
+        let qemu_log = logs.join(format!("l1-{pid}-{attempt}.qemu.log"));
+        // Unix socket paths are limited to 108 bytes: keep it in /tmp.
+        let socket = std::env::temp_dir().join(format!("flotilla-l1-{pid}-{attempt}.sock"));
+        let _ = fs::remove_file(&socket);
+        let listener =
+            UnixListener::bind(&socket).context(|| format!("binding {}", socket.display()))?;
+        listener
+            .set_nonblocking(true)
+            .context(|| format!("configuring {}", socket.display()))?;
+        let qemu_out =
+            fs::File::create(&qemu_log).context(|| format!("creating {}", qemu_log.display()))?;
+        let qemu_err = qemu_out
+            .try_clone()
+            .context(|| format!("duplicating {}", qemu_log.display()))?;
+
+        let mut cmd = Command::new(paths::qemu_binary());
+        cmd.args([
+            "-M",
+            "microvm,acpi=on",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+        ])
+        .args(["-m", &L1_MEM_MIB.to_string(), "-smp", &L1_CPUS.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&images.kernel)
+        .arg("-initrd")
+        .arg(&images.initramfs)
+        // earlyprintk: a stuck boot shows how far it got (the flake).
+        .args([
+            "-append",
+            "console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1 quiet",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console_log.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=agent,path={}", socket.display()))
+        // microvm instantiates one ISA serial port; the agent's is COM2.
+        .args(["-device", "isa-serial,chardev=agent,iobase=0x2f8,irq=3"])
+        .args([
+            "-fsdev",
+            "local,id=fs0,path=/,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .args(["-device", "virtio-9p-device,fsdev=fs0,mount_tag=hostroot"])
+        .stdin(Stdio::null())
+        .stdout(qemu_out)
+        .stderr(qemu_err);
+        let child = process::spawn_persistent(cmd)?;
+        // From here on `guard` kills QEMU on every early return.
+        let mut guard = ChildGuard(Some(child));
+        let started = Instant::now();
+
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if let Some(status) = guard.try_exited() {
+                        let _ = fs::remove_file(&socket);
+                        return Err(BootFailure::Retry(format!(
+                            "QEMU exited ({status}) before connecting: {}",
+                            file_tail(&qemu_log)
+                        )));
+                    }
+                    if started.elapsed() > ready_timeout {
+                        let _ = fs::remove_file(&socket);
+                        return Err(BootFailure::Retry(
+                            "QEMU never connected the agent socket".into(),
+                        ));
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&socket);
+                    return Err(Error::io(format!("accepting on {}", socket.display()), e).into());
+                }
+            }
+        };
+        // Connected: the path is no longer needed.
+        let _ = fs::remove_file(&socket);
+        stream
+            .set_nonblocking(false)
+            .context(|| "configuring the agent socket".to_string())?;
+        let writer = stream
+            .try_clone()
+            .context(|| "duplicating the agent socket".to_string())?;
+        let mut vm = L1Vm {
+            child: match guard.0.take() {
+                Some(c) => c,
+                None => return Err(BootFailure::Retry("internal: lost the QEMU child".into())),
+            },
+            reader: BufReader::new(stream),
+            writer,
+            console_log,
+            next_id: 1,
+            pending: Vec::new(),
+        };
+
+        loop {
+            let elapsed = started.elapsed();
+            let console = fs::read(&vm.console_log).unwrap_or_default();
+            if let Some(reason) = find_line(&console, b"FLOTILLA-L1-FAILED") {
+                return Err(BootFailure::Fatal(Error::L1Boot {
+                    attempts: attempt,
+                    reason: format!(
+                        "L1 init: {reason} (console log {})",
+                        vm.console_log.display()
+                    ),
+                }));
+            }
+            let init_started = contains(&console, b"FLOTILLA-L1-BOOT");
+            if (!init_started && elapsed > ready_timeout) || elapsed > SLOW_BOOT_LIMIT {
+                return Err(BootFailure::Retry(format!(
+                    "no ready marker within {:.0}s; console printed {} bytes{} ({})",
+                    elapsed.as_secs_f64(),
+                    console.len(),
+                    if init_started {
+                        ", init had started"
+                    } else {
+                        ""
+                    },
+                    vm.console_log.display()
+                )));
+            }
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                return Err(BootFailure::Retry(format!(
+                    "QEMU exited ({status}) during boot; console: {}",
+                    file_tail(&vm.console_log)
+                )));
+            }
+            match vm.read_line(Instant::now() + Duration::from_millis(500)) {
+                Ok(Some(line)) => {
+                    if let Some(rest) = line.strip_prefix("FLOTILLA-AGENT-READY ") {
+                        if rest.trim() == "kvm=1" {
+                            return Ok(vm);
+                        }
+                        return Err(BootFailure::Fatal(Error::L1NoKvm {
+                            log: vm.console_log.clone(),
+                        }));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(BootFailure::Retry(format!("agent socket: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Path of this VM's console (ttyS0) log.
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// Runs `command` in the VM (see [`crate::KvmHost::run`]).
+    pub fn exec(&mut self, command: &str, timeout: Duration) -> Result<Output> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let agent_err = |reason: String, log: &Path| Error::Agent {
+            command: command.to_string(),
+            reason,
+            log: log.to_path_buf(),
+        };
+        let request = format!("RUN {id} {secs} {}\n", base64(command.as_bytes()));
+        if let Err(e) = self.writer.write_all(request.as_bytes()) {
+            return Err(agent_err(
+                format!("sending the command: {e}"),
+                &self.console_log,
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs) + AGENT_GRACE;
+        let header_prefix = format!("FLOTILLA-AGENT-RESULT {id} ");
+        let header = loop {
+            match self.read_line(deadline) {
+                Ok(Some(line)) => {
+                    if let Some(rest) = line.strip_prefix(&header_prefix) {
+                        break rest.to_string();
+                    }
+                }
+                Ok(None) => {
+                    return Err(agent_err(
+                        format!("no answer within {:?} + {AGENT_GRACE:?}", timeout),
+                        &self.console_log,
+                    ))
+                }
+                Err(e) => {
+                    return Err(agent_err(
+                        format!("reading the answer: {e}"),
+                        &self.console_log,
+                    ))
+                }
+            }
+        };
+        let field = |name: &str| -> Option<i64> {
+            header
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        };
+        let (Some(status), Some(timed_out), Some(out_len), Some(err_len)) = (
+            field("status"),
+            field("timedout"),
+            field("stdout"),
+            field("stderr"),
+        ) else {
+            return Err(agent_err(
+                format!("malformed header `{header}`"),
+                &self.console_log,
+            ));
+        };
+        let stdout = self
+            .read_exact_deadline(out_len.max(0) as usize, deadline)
+            .map_err(|e| agent_err(format!("reading stdout: {e}"), &self.console_log))?;
+        let stderr = self
+            .read_exact_deadline(err_len.max(0) as usize, deadline)
+            .map_err(|e| agent_err(format!("reading stderr: {e}"), &self.console_log))?;
+        let output = Output {
+            status: status as i32,
+            stdout,
+            stderr,
+        };
+        if timed_out != 0 {
+            return Err(Error::Timeout {
+                command: command.to_string(),
+                timeout,
+                output,
+            });
+        }
+        Ok(output)
+    }
+
+    /// One line from the agent, or `None` at `deadline`. Partial lines are
+    /// kept for the next call.
+    fn read_line(&mut self, deadline: Instant) -> std::io::Result<Option<String>> {
+        loop {
+            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                return Ok(Some(String::from_utf8_lossy(&line).trim_end().to_string()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(deadline - now))?;
+            let buf = match self.reader.fill_buf() {
+                Ok([]) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(buf) => buf,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // Take bytes up to and including a newline; leave the rest (the
+            // start of a binary payload) in the BufReader.
+            let take = buf
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(buf.len(), |p| p + 1);
+            self.pending.extend_from_slice(&buf[..take]);
+            self.reader.consume(take);
+        }
+    }
+
+    fn read_exact_deadline(&mut self, len: usize, deadline: Instant) -> std::io::Result<Vec<u8>> {
+        let mut out = std::mem::take(&mut self.pending);
+        if out.len() > len {
+            self.pending = out.split_off(len);
+        }
+        while out.len() < len {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("got {} of {len} bytes before the deadline", out.len()),
+                ));
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(deadline - now))?;
+            let mut chunk = vec![0u8; (len - out.len()).min(64 * 1024)];
+            match self.reader.read(&mut chunk) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for L1Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the QEMU child unless taken out.
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    fn try_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The rest of the first line starting with `marker`, if any.
+fn find_line(text: &[u8], marker: &[u8]) -> Option<String> {
+    text.split(|&b| b == b'\n')
+        .find(|l| l.starts_with(marker))
+        .map(|l| {
+            String::from_utf8_lossy(&l[marker.len()..])
+                .trim()
+                .to_string()
+        })
+}
+
+fn file_tail(path: &Path) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    crate::error::tail(&bytes)
+}
+
+/// Standard base64 (RFC 4648, padded): the agent decodes with busybox
+/// `base64 -d`. Ten lines here instead of a dependency for one direction.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(base64(input.as_bytes()), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn marker_lines() {
+        let text = b"x\nFLOTILLA-L1-FAILED 9p mount\ny";
+        assert_eq!(
+            find_line(text, b"FLOTILLA-L1-FAILED").as_deref(),
+            Some("9p mount")
+        );
+        assert!(contains(text, b"9p"));
+        assert!(find_line(text, b"nope").is_none());
+    }
+}
