@@ -7,7 +7,7 @@
 //! `poweroff` reaches the sleep control register.
 
 use acpi_tables::aml::{
-    Device, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
+    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -22,10 +22,11 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::layout::{
     ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_TABLES_END, IOAPIC_START, LAPIC_START,
-    RSDP_START,
+    RSDP_START, SERIAL_IRQ,
 };
 use crate::device_manager::MmioDeviceInfo;
 use crate::devices::acpi_pm;
+use crate::devices::legacy::SERIAL_PORT;
 use crate::vstate::memory::GuestMemory;
 
 const OEM_ID: [u8; 6] = *b"FLOTIL";
@@ -89,7 +90,24 @@ pub fn dsdt(mmio_devices: &[MmioDeviceInfo]) -> Vec<u8> {
             )
         })
         .collect();
-    let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
+    // COM1 must be an ACPI device: hardware-reduced ACPI has no legacy PIC, so Linux maps no
+    // ISA IRQs by itself, and without this entry ttyS0 would never get its interrupt (console
+    // output from printk still works, since it polls, but a shell's output stalls).
+    let com1_io = IO::new(SERIAL_PORT as u16, SERIAL_PORT as u16, 1, 8);
+    let com1_irq = Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let com1_crs = ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = EISAName::new("PNP0501");
+    let com1_children: [Name; 3] = [
+        Name::new(Path::new("_HID"), &com1_hid),
+        Name::new(Path::new("_UID"), &0u8),
+        Name::new(Path::new("_CRS"), &com1_crs),
+    ];
+    let com1 = Device::new(
+        Path::new("COM1"),
+        com1_children.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    let mut children: Vec<&dyn Aml> = vec![&com1];
+    children.extend(devices.iter().map(|d| d as &dyn Aml));
     Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
 
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"FLOTDSDT", OEM_REVISION);
@@ -213,6 +231,10 @@ mod tests {
         assert!(checksum_ok(&t));
         assert_eq!(find(&t, b"LNRO0005"), 2);
         assert_eq!(find(&t, b"_S5_"), 1);
+        assert_eq!(find(&t, b"COM1"), 1);
+        // PNP0501 compressed as an EISA id, with IRQ 4.
+        assert_eq!(find(&t, &[0x0c, 0x41, 0xd0, 0x05, 0x01]), 1);
+        assert_eq!(find(&t, &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]), 1);
         assert_eq!(find(&t, b"V001"), 1);
         // Memory32Fixed descriptor (0x86) carrying the second window's base.
         assert_eq!(find(&t, &0xd000_1000u32.to_le_bytes()), 1);
