@@ -47,8 +47,7 @@ fn main() -> ExitCode {
     let vm = match build_microvm(&config) {
         Ok(vm) => vm,
         Err(e) => {
-            log::error!("{e}");
-            eprintln!("flotilla-vmm: {e}");
+            report(&config, &e.to_string());
             return ExitCode::from(if e.is_user_error() { 2 } else { 1 });
         }
     };
@@ -57,13 +56,22 @@ fn main() -> ExitCode {
     }
     let reason = vm.wait();
     terminal::restore();
-    log::info!("VM ended: {reason:?}");
-    log::logger().flush();
-    if let vmm::exit::VmExit::Error(msg) = &reason {
-        eprintln!("flotilla-vmm: {msg}");
+    match &reason {
+        vmm::exit::VmExit::Error(msg) => report(&config, msg),
+        _ => log::info!("VM ended: {reason:?}"),
     }
+    log::logger().flush();
     // Exit without unwinding the vCPU threads, which are still inside KVM_RUN.
     std::process::exit(reason.exit_code());
+}
+
+/// A fatal error: one line on stderr, and in the log file too when `-D FILE` sends the log
+/// elsewhere (logging to stderr would print it twice).
+fn report(config: &VmConfig, msg: &str) {
+    if matches!(config.log, Some(Some(_))) {
+        log::error!("{msg}");
+    }
+    eprintln!("flotilla-vmm: {msg}");
 }
 
 fn usage_error(msg: &str) -> ExitCode {

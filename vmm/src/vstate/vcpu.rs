@@ -117,9 +117,6 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let reason = self.run(&devices);
-                if let VmExit::Error(msg) = &reason {
-                    log::error!("{msg}");
-                }
                 // The receiver is gone only when the VM is already being torn down.
                 let _ = exit.send(reason);
             })
