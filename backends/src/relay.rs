@@ -26,9 +26,6 @@ use vhost::vhost_user::Listener;
 
 /// vhost-user allows at most this many fds on one message.
 const MAX_FDS: usize = 32;
-/// Larger than any vhost-user message we relay in one piece; bigger ones are
-/// simply relayed in several reads (the stream keeps their order).
-const BUF_LEN: usize = 64 * 1024;
 
 /// Turns the inherited fd into a `Listener` the daemon can `start()` on.
 ///
@@ -79,55 +76,103 @@ fn spawn_pump(name: &str, from: UnixStream, to: UnixStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies bytes and attached fds from `from` to `to` until EOF or error.
+/// Size of the vhost-user message header: request, flags, payload size.
+const HEADER_LEN: usize = 12;
+/// Larger than any vhost-user payload (the biggest, SET_MEM_TABLE and
+/// GET_CONFIG, are a few KiB); a bigger size means a corrupt stream.
+const MAX_PAYLOAD: usize = 1 << 20;
+
+/// Copies vhost-user messages and their fds from `from` to `to` until EOF
+/// or error.
+///
+/// The copy goes message by message: a unix stream socket attaches fds to
+/// the bytes they were sent with, but one `recvmsg` may return the end of
+/// one message together with the next message and its fds. Forwarding such
+/// a read unchanged would move the fds onto the earlier message, so we read
+/// exactly one framed message at a time and send it with its own fds.
 fn pump(from: &UnixStream, to: &UnixStream) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF_LEN];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut buf = vec![0u8; HEADER_LEN];
     loop {
-        let (len, fds) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(
-                from.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(io::Error::from)?;
-            let mut fds: Vec<OwnedFd> = Vec::new();
-            for c in msg.cmsgs().map_err(io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    for fd in raw {
-                        // SAFETY: the kernel just installed these fds in our
-                        // table for this message; we are their only owner.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    }
-                }
-            }
-            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                return Err(io::Error::other("too many fds on one message"));
-            }
-            (msg.bytes, fds)
-        };
-        if len == 0 {
+        let mut fds = Vec::new();
+        buf.resize(HEADER_LEN, 0);
+        if !recv_exact(from, &mut buf, &mut fds, true)? {
             return Ok(());
         }
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let mut sent = 0;
-        while sent < len {
-            let iov = [IoSlice::new(&buf[sent..len])];
-            let rights = [ControlMessage::ScmRights(&raw)];
-            // Fds travel with the first byte of the chunk they came with.
-            let cmsgs: &[ControlMessage] = if sent == 0 && !raw.is_empty() {
-                &rights
-            } else {
-                &[]
-            };
-            sent += sendmsg::<()>(to.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-                .map_err(io::Error::from)?;
+        let size = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+        if size > MAX_PAYLOAD {
+            return Err(io::Error::other(format!("message payload of {size} bytes")));
         }
+        buf.resize(HEADER_LEN + size, 0);
+        recv_exact(from, &mut buf[HEADER_LEN..], &mut fds, false)?;
+        send_all(to, &buf, &fds)?;
         // Our copies of the fds close here; the receiver holds its own.
-        drop(fds);
     }
+}
+
+/// Fills `buf` from `from`, collecting any fds; returns false on EOF before
+/// the first byte when `eof_ok`.
+fn recv_exact(
+    from: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    eof_ok: bool,
+) -> io::Result<bool> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut got = 0;
+    while got < buf.len() {
+        let mut iov = [IoSliceMut::new(&mut buf[got..])];
+        let msg = recvmsg::<()>(
+            from.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        );
+        let msg = match msg {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => other.map_err(io::Error::from)?,
+        };
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed these fds in our
+                    // table for this message; we are their only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(io::Error::other("too many fds on one message"));
+        }
+        if msg.bytes == 0 {
+            if got == 0 && eof_ok {
+                return Ok(false);
+            }
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        got += msg.bytes;
+    }
+    Ok(true)
+}
+
+/// Sends `buf` with `fds` attached to its first byte.
+fn send_all(to: &UnixStream, buf: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut sent = 0;
+    while sent < buf.len() {
+        let iov = [IoSlice::new(&buf[sent..])];
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if sent == 0 && !raw.is_empty() {
+            &rights
+        } else {
+            &[]
+        };
+        match sendmsg::<()>(to.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -136,15 +181,37 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::fd::IntoRawFd;
 
+    fn message(request: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = request.to_le_bytes().to_vec();
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    /// Receives one framed message the way vhost does: header, then body.
+    fn recv_one(sock: &UnixStream) -> (Vec<u8>, Option<RawFd>) {
+        let mut fds = Vec::new();
+        let mut buf = vec![0u8; HEADER_LEN];
+        assert!(recv_exact(sock, &mut buf, &mut fds, false).unwrap());
+        let size = u32::from_le_bytes(buf[8..12].try_into().unwrap()) as usize;
+        buf.resize(HEADER_LEN + size, 0);
+        recv_exact(sock, &mut buf[HEADER_LEN..], &mut fds, false).unwrap();
+        (buf, fds.pop().map(IntoRawFd::into_raw_fd))
+    }
+
     #[test]
-    fn relays_bytes_and_fds_over_a_socketpair() {
+    fn relays_messages_and_fds_over_a_socketpair() {
         let (parent_end, child_end) = UnixStream::pair().unwrap();
         let listener = listener_for_fd(child_end.into_raw_fd()).unwrap();
         let mut served = listener.accept().unwrap().unwrap();
 
-        // Parent -> backend, with an fd attached.
+        // Parent -> backend: a message without fds immediately followed by
+        // one with an fd; the fd must arrive with the second message.
+        (&parent_end).write_all(&message(1, b"first")).unwrap();
         let (probe_a, mut probe_b) = UnixStream::pair().unwrap();
-        let iov = [IoSlice::new(b"hello")];
+        let second = message(2, b"hello");
+        let iov = [IoSlice::new(&second)];
         let fds = [probe_a.as_raw_fd()];
         sendmsg::<()>(
             parent_end.as_raw_fd(),
@@ -155,24 +222,11 @@ mod tests {
         )
         .unwrap();
         drop(probe_a);
-        let mut buf = [0u8; 5];
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            served.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::empty(),
-        )
-        .unwrap();
-        assert_eq!(msg.bytes, 5);
-        let mut got = None;
-        for c in msg.cmsgs().unwrap() {
-            if let ControlMessageOwned::ScmRights(v) = c {
-                got = v.first().copied();
-            }
-        }
-        assert_eq!(&buf, b"hello");
+        let (buf, got) = recv_one(&served);
+        assert_eq!(buf, message(1, b"first"));
+        assert!(got.is_none(), "fd arrived with the wrong message");
+        let (buf, got) = recv_one(&served);
+        assert_eq!(buf, second);
         // The relayed fd is the same socket: writing to it reaches probe_b.
         // SAFETY: fresh fd from SCM_RIGHTS, owned by nobody else.
         let mut relayed = unsafe { UnixStream::from_raw_fd(got.unwrap()) };
@@ -182,10 +236,10 @@ mod tests {
         assert_eq!(&one, b"x");
 
         // Backend -> parent.
-        served.write_all(b"reply").unwrap();
-        let mut reply = [0u8; 5];
+        served.write_all(&message(3, b"reply")).unwrap();
+        let mut reply = [0u8; 17];
         (&parent_end).read_exact(&mut reply).unwrap();
-        assert_eq!(&reply, b"reply");
+        assert_eq!(reply.to_vec(), message(3, b"reply"));
 
         // Parent hangs up: the backend side sees EOF.
         drop(parent_end);

@@ -262,7 +262,13 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        if let Some(count) = self.inflight.get(queue_index as usize) {
+        let index = queue_index as usize;
+        if let (Some(worker), Some(count)) = (self.workers.get(index), self.inflight.get(index)) {
+            // The library marked the queue not ready before calling us, so
+            // once the worker is between events it pops nothing more; taking
+            // its lock waits for a pass that may still be popping. Then wait
+            // for what it started, without the lock, which completions need.
+            drop(worker.lock().unwrap_or_else(|e| e.into_inner()));
             if !count.wait_zero(DRAIN_TIMEOUT) {
                 log::error!(
                     "queue {queue_index}: requests still in flight after {DRAIN_TIMEOUT:?}"
