@@ -41,6 +41,12 @@ use crate::{Error, GuestMem, Result};
 /// giving up (and letting the frontend see the ring as it is).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a queue busy-polls its avail ring after running dry, with
+/// `--poll`: long enough to catch the next request of a busy guest without a
+/// kick (a kick costs a VM exit and an eventfd wakeup), short enough that an
+/// idle queue gives its CPU back almost at once.
+const POLL_TIME: Duration = Duration::from_micros(50);
+
 /// Guest-triggered warnings per queue: at most this many per second.
 const WARN_BURST: u32 = 10;
 
@@ -55,6 +61,8 @@ pub struct BackendOptions {
     pub aio: AioMode,
     /// Requests per second over all queues; `None` is unlimited.
     pub iops_total: Option<u64>,
+    /// Busy-poll each queue for [`POLL_TIME`] after it runs dry.
+    pub poll: bool,
 }
 
 /// Counts a queue's requests in flight so that stopping the ring can wait
@@ -159,6 +167,7 @@ impl BlockBackend {
                 throttle: throttle.clone(),
                 timer,
                 throttled: false,
+                poll: opts.poll,
                 completions: Vec::new(),
                 warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
             }));
@@ -338,6 +347,7 @@ pub struct QueueWorker {
     throttle: Option<Arc<Mutex<TokenBucket>>>,
     timer: TimerFd,
     throttled: bool,
+    poll: bool,
     completions: Vec<Completion>,
     warn: Mutex<RateLimiter>,
 }
@@ -351,8 +361,50 @@ enum Started {
 }
 
 impl QueueWorker {
-    /// Serves the avail ring until it is empty (or the throttle says stop).
+    /// Serves the avail ring until it is empty (or the throttle says
+    /// stop); with `--poll`, keeps watching it for [`POLL_TIME`] more.
     fn process_queue(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        event_idx: bool,
+    ) {
+        loop {
+            self.process_pass(vring, mem, event_idx);
+            if !self.poll || self.throttled || !self.poll_avail(vring, mem) {
+                return;
+            }
+        }
+    }
+
+    /// Spins until the driver makes a request available or [`POLL_TIME`]
+    /// passes; returns whether there is work.
+    fn poll_avail(&self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> bool {
+        let deadline = Instant::now() + POLL_TIME;
+        let guard = mem.memory();
+        loop {
+            {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if !queue.ready() {
+                    return false;
+                }
+                match queue.avail_idx(&*guard, Ordering::Acquire) {
+                    Ok(idx) if idx.0 != queue.next_avail() => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// One pass over the avail ring, re-checking after re-enabling
+    /// notifications (EVENT_IDX) so that no request is left behind.
+    fn process_pass(
         &mut self,
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<GuestMem>,

@@ -96,7 +96,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub num_queues: u16,
 
-    /// Busy-poll queues before sleeping (not implemented yet: refused).
+    /// Busy-poll each queue for 50 µs after it runs dry before sleeping on
+    /// the kick eventfd: lower latency for busy guests, at some CPU cost.
     #[arg(long)]
     pub poll: bool,
 
@@ -115,12 +116,6 @@ pub struct Args {
 
 /// Runs the program after `flotilla_backend::daemon::prepare`.
 pub fn run(args: &Args) -> Result<()> {
-    if args.poll {
-        return Err(Error::Options(
-            "--poll is not implemented yet; run without it (queues sleep on the kick eventfd)"
-                .into(),
-        ));
-    }
     if args.iops_total == Some(0) {
         return Err(Error::Options("--iops-total must be at least 1".into()));
     }
@@ -148,6 +143,7 @@ pub fn run(args: &Args) -> Result<()> {
             serial,
             aio: args.aio,
             iops_total: args.iops_total,
+            poll: args.poll,
         },
         mem.clone(),
     )?);

@@ -291,6 +291,11 @@ fn random_ops_with_thread_pool_engine() {
 }
 
 #[test]
+fn random_ops_with_queue_polling() {
+    random_ops("poll", &["--poll"], 2, 2_000, 11, false);
+}
+
+#[test]
 fn random_ops_with_sync_engine() {
     random_ops("sync", &["--aio", "sync"], 1, 2_000, 8, false);
 }

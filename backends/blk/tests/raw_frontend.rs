@@ -587,9 +587,6 @@ fn print_capabilities_and_refused_flags() {
             .output()
             .unwrap()
     };
-    let out = run(&["--poll"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--poll is not implemented"));
     let out = run(&["--num-queues", "0"]);
     assert_eq!(out.status.code(), Some(1));
     let out = run(&["--iops-total", "0"]);
