@@ -16,11 +16,16 @@
 //! - [`daemon::serve`]: connect, run the [`sandbox::Sandbox`] hook, serve one
 //!   frontend connection until it goes away.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod daemon;
 pub mod logger;
 mod relay;
 pub mod sandbox;
+
+/// Re-exported for [`warn_limited!`], so callers need no `log` dependency of their own.
+pub use log;
 
 use std::io;
 use std::path::PathBuf;

@@ -135,9 +135,9 @@ macro_rules! warn_limited {
         let mut limiter = $limiter.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(suppressed) = limiter.allow() {
             if suppressed > 0 {
-                log::warn!("({} similar messages suppressed)", suppressed);
+                $crate::log::warn!("({} similar messages suppressed)", suppressed);
             }
-            log::warn!($($arg)+);
+            $crate::log::warn!($($arg)+);
         }
     }};
 }

@@ -6,6 +6,8 @@
 //! [`config`] is what the guest negotiates, and [`backend`] ties them to
 //! `vhost-user-backend`. [`run`] is the program.
 
+#![warn(missing_docs)]
+
 pub mod aio;
 pub mod backend;
 pub mod config;
