@@ -75,8 +75,10 @@ pub struct Args {
     pub vhost_user: VhostUserArgs,
 
     /// Raw image to serve (with --image-fd only used as its name).
+    /// `--blk-file` is the spelling the vhost-user spec gives block backends.
     #[arg(
         long,
+        visible_alias = "blk-file",
         value_name = "FILE",
         required_unless_present = "print_capabilities"
     )]
@@ -87,7 +89,8 @@ pub struct Args {
     pub image_fd: Option<i32>,
 
     /// Offer a read-only device; writes fail with IOERR.
-    #[arg(long)]
+    /// `--read-only` is the vhost-user spec's spelling.
+    #[arg(long, visible_alias = "read-only")]
     pub readonly: bool,
 
     /// Open the image with O_DIRECT (bypass the host page cache).
@@ -114,6 +117,13 @@ pub struct Args {
     /// Limit the device to N requests per second over all queues.
     #[arg(long, value_name = "N")]
     pub iops_total: Option<u64>,
+}
+
+/// The `--print-capabilities` document: the vhost-user spec's block
+/// features, which tell a management tool it may pass `--read-only` and
+/// `--blk-file`.
+pub fn capabilities() -> String {
+    flotilla_backend::cli::capabilities("block", &["read-only", "blk-file"])
 }
 
 /// Runs the program after `flotilla_backend::daemon::prepare`.

@@ -5,7 +5,7 @@ use clap::Parser;
 fn main() {
     let args = flotilla_blk::Args::parse();
     if args.vhost_user.print_capabilities {
-        println!("{}", flotilla_backend::cli::capabilities("block", &[]));
+        println!("{}", flotilla_blk::capabilities());
         return;
     }
     if let Err(e) = flotilla_backend::daemon::prepare("flotilla-blk", &args.vhost_user) {

@@ -562,6 +562,36 @@ fn sigterm_ends_the_backend_cleanly() {
 }
 
 #[test]
+fn spec_spellings_blk_file_and_read_only() {
+    let dir = TempDir::new("spelling");
+    let img = dir.0.join("img");
+    let image = random_image(65536, 17);
+    std::fs::write(&img, &image).unwrap();
+    let sock = dir.0.join("s");
+    let mut child = Command::new(BIN)
+        .args(["--log-level", "warn", "--read-only", "--blk-file"])
+        .arg(&img)
+        .arg("--socket-path")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    common::wait_for(&sock);
+    let fe = Frontend::connect(&sock, 1).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << 5), 0, "--read-only offers VIRTIO_BLK_F_RO");
+    drop(fe);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "backend did not exit after hang-up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn print_capabilities_and_refused_flags() {
     let out = Command::new(BIN)
         .arg("--print-capabilities")
@@ -570,7 +600,7 @@ fn print_capabilities_and_refused_flags() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        r#"{"type":"block"}"#
+        r#"{"features":["read-only","blk-file"],"type":"block"}"#
     );
 
     let dir = TempDir::new("flags");
