@@ -93,6 +93,9 @@ impl Vcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         cpuid::set_topology(&mut cpuid, index, count);
+        if vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            cpuid::set_tsc_deadline(&mut cpuid);
+        }
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(ioctl("KVM_SET_CPUID2"))?;
@@ -190,5 +193,34 @@ impl Vcpu {
             Err(e) => format!("sregs unavailable: {e}"),
         };
         format!("{regs} {sregs}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These create a real KVM VM (no guest code runs), so they need /dev/kvm; PVM suffices.
+    use super::*;
+    use crate::arch::layout::ZERO_PAGE_START;
+    use crate::vstate::memory::GuestRam;
+
+    #[test]
+    fn vcpus_get_their_topology_and_boot_state() {
+        let vm = Vm::new().expect("KVM VM (needs /dev/kvm)");
+        let ram = GuestRam::new(256 << 20).unwrap();
+        vm.register_memory(&ram.memory).unwrap();
+        let entry = GuestAddress(0x100200);
+        let vcpus: Vec<Vcpu> = (0..2).map(|i| Vcpu::new(&vm, i).unwrap()).collect();
+        for v in &vcpus {
+            v.configure(&vm, &ram.memory, 2, entry).unwrap();
+        }
+        let cpuid = vcpus[1].fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(leaf1.ebx >> 24, 1, "APIC id of vCPU 1");
+        assert_ne!(leaf1.ecx & (1 << 31), 0, "hypervisor bit");
+        let regs = vcpus[0].fd.get_regs().unwrap();
+        assert_eq!((regs.rip, regs.rsi), (0x100200, ZERO_PAGE_START));
+        let sregs = vcpus[0].fd.get_sregs().unwrap();
+        assert_ne!(sregs.efer & 0x400, 0, "long mode active");
+        assert!(vcpus[0].register_dump().contains("rip=0x100200"));
     }
 }

@@ -8,6 +8,10 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// CPUID.1:ECX bit 31: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX bit 24: the LAPIC timer has TSC-deadline mode. KVM emulates it but leaves
+/// the bit out of KVM_GET_SUPPORTED_CPUID (it depends on the in-kernel irqchip), so the VMM
+/// sets it when KVM_CAP_TSC_DEADLINE_TIMER is present.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// CPUID.1:EDX bit 28: the logical-processor count in EBX[23:16] is valid.
 const EDX_HTT: u32 = 1 << 28;
 /// CPUID.8000_0001:ECX bit 1: CmpLegacy (multi-core, AMD).
@@ -25,6 +29,13 @@ fn core_id_bits(count: u8) -> u32 {
 pub fn set_topology(cpuid: &mut CpuId, index: u8, count: u8) {
     for entry in cpuid.as_mut_slice() {
         patch_entry(entry, index, count);
+    }
+}
+
+/// Advertises the TSC-deadline timer (call only when KVM has KVM_CAP_TSC_DEADLINE_TIMER).
+pub fn set_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        entry.ecx |= ECX_TSC_DEADLINE;
     }
 }
 
