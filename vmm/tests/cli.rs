@@ -54,3 +54,54 @@ fn help_and_version() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("flotilla-vmm "));
 }
+
+/// A minimal ELF64 "kernel" whose entry point is `code`, loaded at 1 MiB.
+fn elf_kernel(code: &[u8]) -> std::path::PathBuf {
+    const LOAD: u64 = 0x10_0000;
+    let mut elf = Vec::new();
+    let code_off = 64 + 56;
+    // ELF header.
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    // One PT_LOAD program header.
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [
+        code_off as u64,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    let path = std::env::temp_dir().join(format!("flotilla-cli-elf-{}", std::process::id()));
+    std::fs::write(&path, elf).expect("write test kernel");
+    path
+}
+
+/// A guest that crashes before any exception handler exists (ud2 with an empty IDT) triple
+/// faults: the VMM ends with status 1 and a register dump, not a hang or a panic. Only a
+/// few guest instructions run, so this works on any /dev/kvm, PVM included.
+#[test]
+fn triple_fault_ends_with_register_dump() {
+    let kernel = elf_kernel(&[0x0f, 0x0b]);
+    let out = vmm(&["-kernel", kernel.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&kernel);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("triple fault"), "{stderr}");
+    assert!(stderr.contains("rip=0x100000"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -136,10 +136,9 @@ impl Vcpu {
                 Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio.write(addr, data),
                 // With the in-kernel LAPIC, HLT is handled in KVM; seeing it here is harmless.
                 Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
-                Ok(VcpuExit::Shutdown) => {
-                    log::info!("vCPU {}: triple fault (guest reset)", self.index);
-                    return VmExit::Reset;
-                }
+                // A triple fault. Linux resets through the i8042 or the ACPI reset register,
+                // so reaching this means the guest crashed (or asked for reboot=t).
+                Ok(VcpuExit::Shutdown) => return self.fatal("triple fault (KVM_EXIT_SHUTDOWN)"),
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => return VmExit::PowerOff,
                     KVM_SYSTEM_EVENT_RESET => return VmExit::Reset,
