@@ -47,6 +47,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// idle queue gives its CPU back almost at once.
 const POLL_TIME: Duration = Duration::from_micros(50);
 
+/// Most bytes of O_DIRECT bounce buffers one queue holds at a time. A guest
+/// choosing misaligned buffers could otherwise make us allocate up to the
+/// transfer limit for every request in flight; past the budget a queue
+/// stops taking new requests until earlier ones complete.
+const BOUNCE_BUDGET: usize = 32 << 20;
+
 /// Guest-triggered warnings per queue: at most this many per second.
 const WARN_BURST: u32 = 10;
 
@@ -168,6 +174,8 @@ impl BlockBackend {
                 timer,
                 throttled: false,
                 poll: opts.poll,
+                bounce_bytes: 0,
+                deferred: None,
                 completions: Vec::new(),
                 warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
             }));
@@ -307,7 +315,13 @@ impl VhostUserBackend for BlockBackend {
         let mem = self.memory();
         match u64::from(device_event) {
             0 => worker.process_queue(vring, &mem, event_idx),
-            e if e == self.completion_event() => worker.complete(vring, event_idx),
+            e if e == self.completion_event() => {
+                worker.complete(vring, event_idx);
+                if worker.deferred.is_some() {
+                    // Completions freed bounce budget: resume the queue.
+                    worker.process_queue(vring, &mem, event_idx);
+                }
+            }
             e if e == self.timer_event() => {
                 // The timer fired; a failed read only means it was re-armed.
                 let _ = worker.timer.wait();
@@ -333,6 +347,13 @@ struct Pending {
     bounce: Option<(AlignedBuf, Vec<Segment>)>,
 }
 
+/// A request popped but not started, waiting for bounce-buffer budget.
+struct Deferred {
+    req: Request,
+    head: u16,
+    mem: Arc<GuestMem>,
+}
+
 /// One queue's state, only touched from its own worker thread (and
 /// `listeners` at setup).
 pub struct QueueWorker {
@@ -348,6 +369,11 @@ pub struct QueueWorker {
     timer: TimerFd,
     throttled: bool,
     poll: bool,
+    /// Bytes of bounce buffers held by requests in flight.
+    bounce_bytes: usize,
+    /// At most one request waiting for bounce budget; while it waits the
+    /// queue pops nothing else, so requests still start in ring order.
+    deferred: Option<Deferred>,
     completions: Vec<Completion>,
     warn: Mutex<RateLimiter>,
 }
@@ -358,6 +384,8 @@ enum Started {
     Done(u8, u32),
     /// In the engine; completes later.
     InFlight,
+    /// Parked in `QueueWorker::deferred` until bounce budget frees up.
+    Deferred,
 }
 
 impl QueueWorker {
@@ -442,6 +470,21 @@ impl QueueWorker {
     /// Pops and starts requests; returns whether any was completed on the spot.
     fn drain_avail(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> bool {
         let mut used_any = false;
+        // A parked request goes first (even on a stopped ring: it was
+        // popped, so it must complete before GET_VRING_BASE answers).
+        if let Some(d) = self.deferred.take() {
+            self.count.add(-1);
+            let status_at = d.req.status;
+            match self.start(d.req, d.head, d.mem.clone()) {
+                Started::Done(status, len) => {
+                    write_status(&d.mem, status_at, status);
+                    self.add_used(vring, d.head, len);
+                    used_any = true;
+                }
+                Started::InFlight => {}
+                Started::Deferred => return used_any,
+            }
+        }
         loop {
             let guard = mem.memory();
             let chain = vring
@@ -500,6 +543,7 @@ impl QueueWorker {
                             used_any = true;
                         }
                         Started::InFlight => {}
+                        Started::Deferred => break,
                     }
                 }
             }
@@ -600,6 +644,26 @@ impl QueueWorker {
                     .iter()
                     .all(|v| v.iov_base as usize % align == 0 && v.iov_len % align == 0);
                 let (iov, bounce) = if self.disk.direct() && !aligned {
+                    if self.bounce_bytes > 0 && self.bounce_bytes + expected > BOUNCE_BUDGET {
+                        log::debug!(
+                            "queue {}: bounce budget in use ({} bytes), request deferred",
+                            self.index,
+                            self.bounce_bytes
+                        );
+                        let kind = if is_read {
+                            Kind::Read { offset, segs }
+                        } else {
+                            Kind::Write { offset, segs }
+                        };
+                        self.deferred = Some(Deferred {
+                            req: Request { kind, status },
+                            head,
+                            mem,
+                        });
+                        // Counts as in flight for stop_vring.
+                        self.count.add(1);
+                        return Started::Deferred;
+                    }
                     let mut buf = AlignedBuf::new(expected, align);
                     if !is_read {
                         let mut at = 0;
@@ -639,7 +703,17 @@ impl QueueWorker {
         }
     }
 
+    /// Returns a finished request's bounce buffer to the budget.
+    fn release(&mut self, p: &Pending) {
+        if let Some((buf, _)) = &p.bounce {
+            self.bounce_bytes = self.bounce_bytes.saturating_sub(buf.len());
+        }
+    }
+
     fn submit(&mut self, op: Op, pending: Pending) -> Started {
+        if let Some((buf, _)) = &pending.bounce {
+            self.bounce_bytes += buf.len();
+        }
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
         self.pending.insert(token, pending);
@@ -647,7 +721,9 @@ impl QueueWorker {
         match self.engine.submit(token, op) {
             Ok(()) => Started::InFlight,
             Err(e) => {
-                self.pending.remove(&token);
+                if let Some(p) = self.pending.remove(&token) {
+                    self.release(&p);
+                }
                 self.count.add(-1);
                 self.ioerr(format_args!("cannot submit I/O: {e}"))
             }
@@ -709,6 +785,7 @@ impl QueueWorker {
             };
             write_status(&p.mem, p.status, status as u8);
             self.add_used(vring, p.head, len);
+            self.release(&p);
             self.count.add(-1);
         }
         self.completions = done;

@@ -67,7 +67,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[command(
     name = "flotilla-blk",
     version,
-    about = "vhost-user virtio-blk backend for one raw image"
+    about = "vhost-user virtio-blk backend for one raw image",
+    args_override_self = true
 )]
 pub struct Args {
     /// vhost-user program conventions (--socket-path, --fd, --print-capabilities, logging).

@@ -26,13 +26,22 @@ impl Client {
         num_queues: i32,
         read_only: bool,
     ) -> Result<Client, blkio::Error> {
+        Self::connect_sized(backend, num_queues, read_only, 16 * MIB)
+    }
+
+    fn connect_sized(
+        backend: &Backend,
+        num_queues: i32,
+        read_only: bool,
+        region_len: usize,
+    ) -> Result<Client, blkio::Error> {
         let mut b = Blkio::new("virtio-blk-vhost-user")?;
         b.set_str("path", backend.sock.to_str().unwrap())?;
         b.set_bool("read-only", read_only)?;
         b.connect()?;
         b.set_i32("num-queues", num_queues)?;
         let started = b.start()?;
-        let region = b.alloc_mem_region(16 * MIB)?;
+        let region = b.alloc_mem_region(region_len)?;
         b.map_mem_region(&region)?;
         Ok(Client {
             queues: started.queues,
@@ -368,5 +377,45 @@ fn iops_limit_is_enforced() {
     assert!(
         elapsed < Duration::from_secs(5),
         "throttle too slow: {elapsed:?}"
+    );
+}
+
+#[test]
+fn direct_io_bounce_budget_defers_large_misaligned_requests() {
+    const LEN: usize = 8 * MIB;
+    const N: usize = 8;
+    let image = random_image(N * LEN, 21);
+    let logs = common::TempDir::new("budget-log");
+    let log = logs.0.join("blk.log");
+    let backend = Backend::spawn(
+        "budget",
+        &image,
+        &[
+            "--direct",
+            "--log-level",
+            "debug",
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+    );
+    let mut c = Client::connect_sized(&backend, 1, false, N * LEN + 2 * MIB).expect("connect");
+    // 64 MiB of misaligned writes in flight at once: twice the bounce budget.
+    let data = random_image(N * LEN, 22);
+    c.buf()[8..8 + N * LEN].copy_from_slice(&data);
+    for i in 0..N {
+        c.write(0, (i * LEN) as u64, 8 + i * LEN, LEN, i);
+    }
+    assert!(c.wait(0, N).iter().all(|(_, ret)| *ret == 0));
+    c.buf().fill(0);
+    for i in 0..N {
+        c.read(0, (i * LEN) as u64, 8 + i * LEN, LEN, i);
+    }
+    assert!(c.wait(0, N).iter().all(|(_, ret)| *ret == 0));
+    assert!(c.buf()[8..8 + N * LEN] == data[..], "read back differs");
+    assert!(backend.image_bytes() == data, "image differs");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("request deferred"),
+        "the budget was never reached"
     );
 }
