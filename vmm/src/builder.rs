@@ -13,7 +13,7 @@ use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
 use crate::exit::VmExit;
 use crate::vstate::memory::{GuestRam, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors building the VM.
@@ -37,6 +37,9 @@ pub enum BuildError {
     /// vCPUs.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The vCPU kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] std::io::Error),
     /// The serial output file.
     #[error("cannot open serial output '{path}': {source}")]
     SerialFile {
@@ -55,22 +58,63 @@ impl BuildError {
     }
 }
 
+/// What other threads (the control channel) may do to a running VM.
+#[derive(Clone)]
+pub struct VmHandle {
+    exit_tx: Sender<VmExit>,
+    run_state: Arc<VcpuRunState>,
+    vcpus: Arc<Vec<JoinHandle<()>>>,
+}
+
+impl VmHandle {
+    /// Ends the VM with `reason` (e.g. [`VmExit::Quit`]).
+    pub fn end(&self, reason: VmExit) {
+        // Only fails when the VM is already ending.
+        let _ = self.exit_tx.send(reason);
+    }
+
+    /// Stops every vCPU (QMP `stop`).
+    pub fn pause(&self) -> Result<(), String> {
+        self.run_state.pause(&self.vcpus)
+    }
+
+    /// Resumes every vCPU (QMP `cont`).
+    pub fn resume(&self) {
+        self.run_state.resume()
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.run_state.is_paused()
+    }
+
+    /// OS thread id of each vCPU, by index.
+    pub fn vcpu_thread_ids(&self) -> Vec<i32> {
+        self.run_state.thread_ids()
+    }
+}
+
 /// A booted VM.
 pub struct RunningVm {
     exit_rx: Receiver<VmExit>,
+    handle: VmHandle,
     // Kept alive for as long as the vCPUs run: KVM memory slots point into this mapping.
     _ram: GuestRam,
     _vm: Vm,
     _devices: Arc<DeviceManager>,
-    _vcpus: Vec<JoinHandle<()>>,
 }
 
 impl RunningVm {
-    /// Blocks until the guest powers off, resets, or fails.
+    /// Blocks until the guest powers off, resets, fails, or the host asks to quit.
     pub fn wait(&self) -> VmExit {
         self.exit_rx
             .recv()
             .unwrap_or_else(|_| VmExit::Error("every vCPU and device is gone".into()))
+    }
+
+    /// A handle for controlling the VM from other threads.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
     }
 }
 
@@ -153,17 +197,23 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
         }
     }
     let devices = Arc::new(devices);
+    install_kick_handler().map_err(BuildError::Signal)?;
+    let run_state = VcpuRunState::new(config.vcpus);
     let handles = vcpus
         .into_iter()
-        .map(|vcpu| vcpu.start(devices.clone(), exit_tx.clone()))
+        .map(|vcpu| vcpu.start(devices.clone(), run_state.clone(), exit_tx.clone()))
         .collect::<Result<Vec<_>, VcpuError>>()?;
     log::info!("started {} vCPU(s), {} MiB", config.vcpus, config.mem_mib);
     Ok(RunningVm {
         exit_rx,
+        handle: VmHandle {
+            exit_tx,
+            run_state,
+            vcpus: Arc::new(handles),
+        },
         _ram: ram,
         _vm: vm,
         _devices: devices,
-        _vcpus: handles,
     })
 }
 
@@ -183,6 +233,7 @@ mod tests {
             serial: None,
             mmio_cmdline: false,
             log: None,
+            control_fd: None,
         }
     }
 

@@ -47,6 +47,8 @@ pub struct VmConfig {
     pub mmio_cmdline: bool,
     /// `-D [file]`: log destination (`Some(None)` = stderr).
     pub log: Option<Option<PathBuf>>,
+    /// `-control-fd N`: an inherited, connected unix socket to the `flotilla` gateway.
+    pub control_fd: Option<i32>,
 }
 
 /// The options `flotilla-vmm` accepts on its own command line.
@@ -60,6 +62,7 @@ pub const VMM_OPTIONS: &[OptionSpec] = &[
     OptionSpec::value("name"),
     OptionSpec::value("machine"),
     OptionSpec::optional("D"),
+    OptionSpec::value("control-fd"),
     OptionSpec::flag("help"),
     OptionSpec::flag("h"),
     OptionSpec::flag("version"),
@@ -93,6 +96,7 @@ impl VmConfig {
             serial,
             mmio_cmdline,
             log: opts.has("D").then(|| opts.value("D").map(PathBuf::from)),
+            control_fd: opts.value("control-fd").map(parse_fd).transpose()?,
         })
     }
 }
@@ -140,6 +144,18 @@ pub fn parse_smp(text: &str) -> Result<u8, OptionError> {
     match cpus.parse::<u8>() {
         Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
         _ => Err(kv.invalid("cpus", cpus, "must be between 1 and 254")),
+    }
+}
+
+/// `-control-fd N`: a descriptor number above stdio.
+fn parse_fd(text: &str) -> Result<i32, OptionError> {
+    match text.parse::<i32>() {
+        Ok(fd) if fd > 2 => Ok(fd),
+        _ => Err(invalid(
+            "control-fd",
+            text,
+            "expected an inherited descriptor number above 2",
+        )),
     }
 }
 
@@ -209,6 +225,14 @@ mod tests {
     fn defaults() {
         let c = config(&["-kernel", "k"]).unwrap();
         assert_eq!((c.mem_mib, c.vcpus, c.serial, c.log), (256, 1, None, None));
+        assert_eq!(c.control_fd, None);
+        assert!(config(&["-kernel", "k", "-control-fd", "1"]).is_err());
+        assert_eq!(
+            config(&["-kernel", "k", "-control-fd", "7"])
+                .unwrap()
+                .control_fd,
+            Some(7)
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub enum VmExit {
     PowerOff,
     /// The guest reset (i8042, ACPI reset register, triple fault).
     Reset,
+    /// The management side asked the VMM to quit (QMP `quit`).
+    Quit,
     /// The VM cannot go on: KVM internal error, failed entry, crashed vCPU.
     Error(String),
 }
@@ -23,7 +25,7 @@ impl VmExit {
     /// The process exit status for this reason: a guest that shut itself down is a success.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::PowerOff | VmExit::Reset => 0,
+            VmExit::PowerOff | VmExit::Reset | VmExit::Quit => 0,
             VmExit::Error(_) => 1,
         }
     }

@@ -5,8 +5,15 @@
 
 use std::process::ExitCode;
 
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use vmm::builder::build_microvm;
 use vmm::config::{VmConfig, VMM_OPTIONS};
+
+use vmm::builder::RunningVm;
+use vmm::control::{self, ControlSender};
+use vmm::exit::VmExit;
 use vmm::{logger, options, terminal};
 
 const USAGE: &str = "\
@@ -22,6 +29,7 @@ Usage: flotilla-vmm -kernel PATH [options]
   -machine microvm[,virtio-mmio-cmdline=on|off]
                          also list virtio-mmio devices on the kernel command line
   -D [FILE]              log to FILE (or stderr) at info level; FLOTILLA_LOG sets the level
+  -control-fd N          serve the flotilla gateway's control socket on inherited fd N
   -version, -help";
 
 fn main() -> ExitCode {
@@ -51,18 +59,57 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.is_user_error() { 2 } else { 1 });
         }
     };
-    if config.serial.is_some() {
+    let control = match config
+        .control_fd
+        .map(|fd| start_control(fd, &vm))
+        .transpose()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            report(&config, &e);
+            return ExitCode::from(2);
+        }
+    };
+    if config.serial == Some(vmm::config::SerialConfig::Stdio) {
         terminal::set_raw();
     }
     let reason = vm.wait();
+    if let Some(sender) = &control {
+        sender.event("SHUTDOWN", control::shutdown_event(&reason));
+    }
     terminal::restore();
     match &reason {
-        vmm::exit::VmExit::Error(msg) => report(&config, msg),
+        VmExit::Error(msg) => report(&config, msg),
         _ => log::info!("VM ended: {reason:?}"),
     }
     log::logger().flush();
     // Exit without unwinding the vCPU threads, which are still inside KVM_RUN.
     std::process::exit(reason.exit_code());
+}
+
+/// Takes over the inherited control socket and serves it.
+fn start_control(fd: i32, vm: &RunningVm) -> Result<ControlSender, String> {
+    // SAFETY: fstat on any integer is harmless; it fails with EBADF for a closed descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(format!("-control-fd {fd} is not an open socket"));
+    }
+    // SAFETY: the descriptor was inherited for this purpose and nothing else in this process
+    // refers to it, so taking ownership is sound.
+    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let handle = vm.handle();
+    let on_close = {
+        let handle = handle.clone();
+        move || {
+            handle.end(VmExit::Error(
+                "the gateway closed the control socket".into(),
+            ))
+        }
+    };
+    control::spawn(stream, Arc::new(handle), on_close)
+        .map(|(sender, _thread)| sender)
+        .map_err(|e| format!("cannot start the control thread: {e}"))
 }
 
 /// A fatal error: one line on stderr, and in the log file too when `-D FILE` sends the log

@@ -86,7 +86,9 @@ fn elf_kernel(code: &[u8]) -> std::path::PathBuf {
         elf.extend_from_slice(&v.to_le_bytes());
     }
     elf.extend_from_slice(code);
-    let path = std::env::temp_dir().join(format!("flotilla-cli-elf-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("flotilla-cli-elf-{}-{n}", std::process::id()));
     std::fs::write(&path, elf).expect("write test kernel");
     path
 }
@@ -104,4 +106,88 @@ fn triple_fault_ends_with_register_dump() {
     assert!(stderr.contains("triple fault"), "{stderr}");
     assert!(stderr.contains("rip=0x100000"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The control socket as the gateway drives it: stop, query-status, cont, query-cpus, quit,
+/// with STOP/RESUME/SHUTDOWN events. The guest is a two-byte spin loop, which even PVM runs.
+#[test]
+fn control_socket_lifecycle() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+
+    let kernel = elf_kernel(&[0xeb, 0xfe]); // jmp .
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let child_fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-vmm"));
+    cmd.args([
+        "-kernel",
+        kernel.to_str().unwrap_or_default(),
+        "-smp",
+        "2",
+        "-control-fd",
+        "3",
+    ]);
+    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(child_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn flotilla-vmm");
+    drop(theirs);
+    let mut writer = ours.try_clone().expect("clone");
+    let mut reader = BufReader::new(ours);
+    let mut roundtrip = |line: &str| -> Vec<serde_json::Value> {
+        writer
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("send");
+        let mut got = Vec::new();
+        loop {
+            let mut buf = String::new();
+            reader.read_line(&mut buf).expect("read");
+            let v: serde_json::Value = serde_json::from_str(&buf).expect("json");
+            let done = v.get("return").is_some() || v.get("error").is_some();
+            got.push(v);
+            if done {
+                return got;
+            }
+        }
+    };
+    let status = roundtrip(r#"{"execute":"query-status","id":1}"#);
+    assert_eq!(status[0]["return"]["status"], "running");
+    assert_eq!(status[0]["id"], 1);
+    let stop = roundtrip(r#"{"execute":"stop"}"#);
+    assert_eq!(stop[0]["event"], "STOP");
+    assert_eq!(
+        roundtrip(r#"{"execute":"query-status"}"#)[0]["return"]["status"],
+        "paused"
+    );
+    let cont = roundtrip(r#"{"execute":"cont"}"#);
+    assert_eq!(cont[0]["event"], "RESUME");
+    let cpus = roundtrip(r#"{"execute":"query-cpus"}"#);
+    let cpus = cpus[0]["return"].as_array().expect("cpu list");
+    assert_eq!(cpus.len(), 2);
+    assert!(cpus
+        .iter()
+        .all(|c| c["thread_id"].as_i64().unwrap_or(0) > 0));
+    assert_eq!(
+        roundtrip(r#"{"execute":"bogus"}"#)[0]["error"]["class"],
+        "CommandNotFound"
+    );
+    assert_eq!(
+        roundtrip(r#"{"execute":"quit"}"#)[0]["return"],
+        serde_json::json!({})
+    );
+    let mut buf = String::new();
+    reader.read_line(&mut buf).expect("SHUTDOWN event");
+    let event: serde_json::Value = serde_json::from_str(&buf).expect("json");
+    assert_eq!(event["event"], "SHUTDOWN");
+    assert_eq!(event["data"]["reason"], "host-qmp-quit");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let _ = std::fs::remove_file(&kernel);
 }

@@ -1,9 +1,11 @@
 //! vCPUs: creation, boot-state configuration, and the run loop that dispatches exits to the
 //! buses. One thread per vCPU.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -47,6 +49,123 @@ pub enum VcpuError {
         /// Underlying error.
         source: std::io::Error,
     },
+}
+
+/// Signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing; the point is
+/// that KVM_RUN returns EINTR).
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's handler; call once before starting vCPUs.
+pub fn install_kick_handler() -> Result<(), std::io::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+#[derive(Default)]
+struct RunInner {
+    paused: bool,
+    parked: usize,
+    live: usize,
+}
+
+/// The run state every vCPU thread shares: lets the VM be paused (`stop`) and resumed
+/// (`cont`) as a whole, and records each vCPU's thread id for `query-cpus`.
+pub struct VcpuRunState {
+    inner: Mutex<RunInner>,
+    cond: Condvar,
+    thread_ids: Vec<AtomicI32>,
+}
+
+/// How long `pause` waits for every vCPU to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl VcpuRunState {
+    /// State for `count` vCPUs, running.
+    pub fn new(count: u8) -> Arc<Self> {
+        Arc::new(VcpuRunState {
+            inner: Mutex::new(RunInner {
+                live: usize::from(count),
+                ..Default::default()
+            }),
+            cond: Condvar::new(),
+            thread_ids: (0..count).map(|_| AtomicI32::new(0)).collect(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// OS thread ids of the vCPUs (0 until a thread has started).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.thread_ids
+            .iter()
+            .map(|t| t.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Called by a vCPU thread between KVM_RUNs: blocks while the VM is paused.
+    fn park_if_paused(&self) {
+        let mut inner = self.lock();
+        if !inner.paused {
+            return;
+        }
+        inner.parked += 1;
+        self.cond.notify_all();
+        while inner.paused {
+            inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        inner.parked -= 1;
+    }
+
+    fn vcpu_exited(&self) {
+        let mut inner = self.lock();
+        inner.live = inner.live.saturating_sub(1);
+        self.cond.notify_all();
+    }
+
+    /// Pauses every vCPU: returns once none is executing guest code. Threads are kicked out
+    /// of KVM_RUN with a signal, re-sent until they park (a kick that lands just before
+    /// KVM_RUN would otherwise be lost while a halted vCPU sleeps in the kernel).
+    pub fn pause(&self, threads: &[JoinHandle<()>]) -> Result<(), String> {
+        use vmm_sys_util::signal::Killable;
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut inner = self.lock();
+        inner.paused = true;
+        while inner.parked < inner.live {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "only {} of {} vCPUs paused",
+                    inner.parked, inner.live
+                ));
+            }
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                // A thread that exits between the check and the kill is not an error.
+                let _ = t.kill(kick_signal());
+            }
+            inner = self
+                .cond
+                .wait_timeout(inner, Duration::from_millis(5))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.cond.notify_all();
+    }
 }
 
 /// A configured, not yet running vCPU.
@@ -113,13 +232,19 @@ impl Vcpu {
     pub fn start(
         self,
         devices: Arc<DeviceManager>,
+        run_state: Arc<VcpuRunState>,
         exit: Sender<VmExit>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let reason = self.run(&devices);
+                if let Some(tid) = run_state.thread_ids.get(usize::from(index)) {
+                    // SAFETY: gettid takes no arguments and cannot fail.
+                    tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                }
+                let reason = self.run(&devices, &run_state);
+                run_state.vcpu_exited();
                 // The receiver is gone only when the VM is already being torn down.
                 let _ = exit.send(reason);
             })
@@ -127,8 +252,9 @@ impl Vcpu {
     }
 
     /// Runs the guest until something ends the VM.
-    fn run(mut self, devices: &DeviceManager) -> VmExit {
+    fn run(mut self, devices: &DeviceManager, run_state: &VcpuRunState) -> VmExit {
         loop {
+            run_state.park_if_paused();
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => devices.pio.read(u64::from(port), data),
                 Ok(VcpuExit::IoOut(port, data)) => devices.pio.write(u64::from(port), data),

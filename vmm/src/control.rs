@@ -1,0 +1,436 @@
+//! The core's end of the control socket (DESIGN.md "Control socket"): JSON lines in both
+//! directions, QMP-shaped, so the gateway forwards VM commands (`stop`, `cont`,
+//! `query-status`, ...) untouched and relays the core's events to QMP clients, adding the
+//! timestamps. The gateway is trusted, but its input is still validated: a malformed line
+//! gets an error reply and changes nothing.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde_json::{json, Map, Value};
+
+use crate::builder::VmHandle;
+use crate::exit::VmExit;
+
+/// Longest control line accepted; anything longer is answered with an error and skipped.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// What the control channel needs from the VM.
+pub trait VmControl: Send + Sync {
+    /// Stops all vCPUs.
+    fn pause(&self) -> Result<(), String>;
+    /// Resumes all vCPUs.
+    fn resume(&self);
+    /// Whether the vCPUs are paused.
+    fn is_paused(&self) -> bool;
+    /// OS thread id per vCPU.
+    fn vcpu_thread_ids(&self) -> Vec<i32>;
+    /// Ends the VMM (QMP `quit`).
+    fn quit(&self);
+}
+
+impl VmControl for VmHandle {
+    fn pause(&self) -> Result<(), String> {
+        VmHandle::pause(self)
+    }
+    fn resume(&self) {
+        VmHandle::resume(self)
+    }
+    fn is_paused(&self) -> bool {
+        VmHandle::is_paused(self)
+    }
+    fn vcpu_thread_ids(&self) -> Vec<i32> {
+        VmHandle::vcpu_thread_ids(self)
+    }
+    fn quit(&self) {
+        self.end(VmExit::Quit)
+    }
+}
+
+/// The writing half of the control socket, shared by the control thread (replies, STOP and
+/// RESUME) and the main thread (SHUTDOWN). One line per write, under a lock, so messages
+/// never interleave.
+#[derive(Clone)]
+pub struct ControlSender(Arc<Mutex<UnixStream>>);
+
+impl ControlSender {
+    /// Wraps the socket.
+    pub fn new(stream: UnixStream) -> Self {
+        ControlSender(Arc::new(Mutex::new(stream)))
+    }
+
+    /// Sends one JSON message.
+    pub fn send(&self, message: &Value) -> std::io::Result<()> {
+        let mut line = message.to_string();
+        line.push('\n');
+        let mut stream = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        stream.write_all(line.as_bytes())
+    }
+
+    /// Sends an event (the gateway adds the QMP timestamp).
+    pub fn event(&self, name: &str, data: Value) {
+        if let Err(e) = self.send(&json!({ "event": name, "data": data })) {
+            log::warn!("control: cannot send event {name}: {e}");
+        }
+    }
+}
+
+/// The SHUTDOWN event data for how the VM ended.
+pub fn shutdown_event(reason: &VmExit) -> Value {
+    let (guest, why) = match reason {
+        VmExit::PowerOff => (true, "guest-shutdown"),
+        VmExit::Reset => (true, "guest-reset"),
+        VmExit::Quit => (false, "host-qmp-quit"),
+        VmExit::Error(_) => (false, "host-error"),
+    };
+    json!({ "guest": guest, "reason": why })
+}
+
+fn error(class: &str, desc: impl Into<String>) -> Value {
+    json!({ "error": { "class": class, "desc": desc.into() } })
+}
+
+/// Executes one command line and returns the reply (with `id` echoed).
+pub fn handle_line(vm: &dyn VmControl, events: &ControlSender, line: &str) -> Value {
+    let request: Map<String, Value> = match serde_json::from_str(line) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return error("GenericError", "expected a JSON object"),
+        Err(e) => return error("GenericError", format!("JSON parse error: {e}")),
+    };
+    let mut reply = execute(vm, events, &request);
+    if let (Some(id), Some(obj)) = (request.get("id"), reply.as_object_mut()) {
+        obj.insert("id".into(), id.clone());
+    }
+    reply
+}
+
+fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Value>) -> Value {
+    let Some(command) = request.get("execute").and_then(Value::as_str) else {
+        return error("GenericError", "missing 'execute' (a command name string)");
+    };
+    let args = match request.get("arguments") {
+        None => Map::new(),
+        Some(Value::Object(a)) => a.clone(),
+        Some(_) => return error("GenericError", "'arguments' must be an object"),
+    };
+    if let Some(key) = request
+        .keys()
+        .find(|k| !["execute", "arguments", "id"].contains(&k.as_str()))
+    {
+        return error("GenericError", format!("unexpected member '{key}'"));
+    }
+    let no_args = |reply: Value| match args.keys().next() {
+        Some(k) => error(
+            "GenericError",
+            format!("'{command}' takes no argument '{k}'"),
+        ),
+        None => reply,
+    };
+    match command {
+        "query-status" => no_args(if vm.is_paused() {
+            json!({ "return": { "running": false, "singlestep": false, "status": "paused" } })
+        } else {
+            json!({ "return": { "running": true, "singlestep": false, "status": "running" } })
+        }),
+        "stop" => {
+            if !args.is_empty() {
+                return no_args(Value::Null);
+            }
+            if vm.is_paused() {
+                return json!({ "return": {} });
+            }
+            match vm.pause() {
+                Ok(()) => {
+                    events.event("STOP", json!({}));
+                    json!({ "return": {} })
+                }
+                Err(e) => {
+                    // A half-stopped VM is worse than a running one: undo.
+                    vm.resume();
+                    error("GenericError", format!("cannot stop the VM: {e}"))
+                }
+            }
+        }
+        "cont" => {
+            if !args.is_empty() {
+                return no_args(Value::Null);
+            }
+            if vm.is_paused() {
+                vm.resume();
+                events.event("RESUME", json!({}));
+            }
+            json!({ "return": {} })
+        }
+        "quit" => {
+            if !args.is_empty() {
+                return no_args(Value::Null);
+            }
+            vm.quit();
+            json!({ "return": {} })
+        }
+        "query-cpus" => no_args(json!({ "return": query_cpus(vm) })),
+        "query-hotpluggable-cpus" => no_args(json!({ "return": hotpluggable_cpus(vm) })),
+        other => error(
+            "CommandNotFound",
+            format!("The command {other} has not been found"),
+        ),
+    }
+}
+
+/// StratoVirt numbers each vCPU as its own socket (`-smp N` = N sockets of one core).
+fn cpu_props(index: usize) -> Value {
+    json!({ "core-id": 0, "socket-id": index, "thread-id": 0 })
+}
+
+fn query_cpus(vm: &dyn VmControl) -> Value {
+    let cpus: Vec<Value> = vm
+        .vcpu_thread_ids()
+        .iter()
+        .enumerate()
+        .map(|(i, tid)| {
+            json!({
+                "CPU": i, "arch": "x86", "current": true, "halted": false,
+                "props": cpu_props(i),
+                "qom_path": format!("/machine/unattached/device[{i}]"),
+                "thread_id": tid,
+            })
+        })
+        .collect();
+    Value::Array(cpus)
+}
+
+fn hotpluggable_cpus(vm: &dyn VmControl) -> Value {
+    let cpus: Vec<Value> = (0..vm.vcpu_thread_ids().len())
+        .map(|i| {
+            json!({
+                "props": cpu_props(i),
+                "qom-path": format!("/machine/unattached/device[{i}]"),
+                "type": "host-x86-cpu",
+                "vcpus-count": 1,
+            })
+        })
+        .collect();
+    Value::Array(cpus)
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes. `Ok(None)` at end of stream; an overlong
+/// line is consumed and reported as `Err(len)` so the caller can answer it.
+fn read_bounded_line(reader: &mut impl BufRead) -> std::io::Result<Option<Result<String, usize>>> {
+    let mut buf = Vec::new();
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') && buf.len() > MAX_LINE {
+        // Skip the rest of the line.
+        let mut skipped = buf.len();
+        loop {
+            let mut rest = Vec::new();
+            let m = reader
+                .by_ref()
+                .take(MAX_LINE as u64)
+                .read_until(b'\n', &mut rest)?;
+            skipped += m;
+            if m == 0 || rest.last() == Some(&b'\n') {
+                return Ok(Some(Err(skipped)));
+            }
+        }
+    }
+    Ok(Some(Ok(String::from_utf8_lossy(&buf).trim().to_string())))
+}
+
+/// Serves the control socket on its own thread. When the gateway closes the socket the VM
+/// ends: the core must not outlive the process that supervises it.
+pub fn spawn(
+    stream: UnixStream,
+    vm: Arc<dyn VmControl>,
+    on_close: impl FnOnce() + Send + 'static,
+) -> std::io::Result<(ControlSender, JoinHandle<()>)> {
+    let sender = ControlSender::new(stream.try_clone()?);
+    let replies = sender.clone();
+    let thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            loop {
+                let reply = match read_bounded_line(&mut reader) {
+                    Ok(None) => break,
+                    Ok(Some(Ok(line))) if line.is_empty() => continue,
+                    Ok(Some(Ok(line))) => handle_line(&*vm, &replies, &line),
+                    Ok(Some(Err(len))) => error(
+                        "GenericError",
+                        format!("line of {len} bytes exceeds {MAX_LINE}"),
+                    ),
+                    Err(e) => {
+                        log::error!("control: read failed: {e}");
+                        break;
+                    }
+                };
+                if let Err(e) = replies.send(&reply) {
+                    log::error!("control: write failed: {e}");
+                    break;
+                }
+            }
+            log::warn!("control: connection closed");
+            on_close();
+        })?;
+    Ok((sender, thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    #[derive(Default)]
+    struct FakeVm {
+        paused: AtomicBool,
+        quits: AtomicU32,
+        fail_pause: bool,
+    }
+
+    impl VmControl for FakeVm {
+        fn pause(&self) -> Result<(), String> {
+            if self.fail_pause {
+                return Err("vCPU 1 stuck".into());
+            }
+            self.paused.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn resume(&self) {
+            self.paused.store(false, Ordering::SeqCst);
+        }
+        fn is_paused(&self) -> bool {
+            self.paused.load(Ordering::SeqCst)
+        }
+        fn vcpu_thread_ids(&self) -> Vec<i32> {
+            vec![100, 101]
+        }
+        fn quit(&self) {
+            self.quits.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn channel() -> (ControlSender, BufReader<UnixStream>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (ControlSender::new(a), BufReader::new(b))
+    }
+
+    fn next(r: &mut BufReader<UnixStream>) -> Value {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn lifecycle_commands_and_events() {
+        let vm = FakeVm::default();
+        let (tx, mut events) = channel();
+        let r = handle_line(&vm, &tx, r#"{"execute":"query-status","id":7}"#);
+        assert_eq!(
+            r,
+            json!({"return":{"running":true,"singlestep":false,"status":"running"},"id":7})
+        );
+        assert_eq!(
+            handle_line(&vm, &tx, r#"{"execute":"stop"}"#),
+            json!({"return":{}})
+        );
+        assert_eq!(next(&mut events)["event"], "STOP");
+        assert_eq!(
+            handle_line(&vm, &tx, r#"{"execute":"query-status"}"#)["return"]["status"],
+            "paused"
+        );
+        // stop twice: no second event.
+        handle_line(&vm, &tx, r#"{"execute":"stop"}"#);
+        assert_eq!(
+            handle_line(&vm, &tx, r#"{"arguments":{},"execute":"cont","id":"x"}"#),
+            json!({"return":{},"id":"x"})
+        );
+        assert_eq!(next(&mut events)["event"], "RESUME");
+        handle_line(&vm, &tx, r#"{"execute":"quit"}"#);
+        assert_eq!(vm.quits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn cpus_like_stratovirt() {
+        let vm = FakeVm::default();
+        let (tx, _events) = channel();
+        let r = handle_line(&vm, &tx, r#"{"execute":"query-cpus"}"#);
+        assert_eq!(r["return"][1]["thread_id"], 101);
+        assert_eq!(r["return"][1]["props"]["socket-id"], 1);
+        assert_eq!(r["return"][1]["qom_path"], "/machine/unattached/device[1]");
+        let r = handle_line(&vm, &tx, r#"{"execute":"query-hotpluggable-cpus"}"#);
+        assert_eq!(r["return"].as_array().unwrap().len(), 2);
+        assert_eq!(r["return"][0]["type"], "host-x86-cpu");
+    }
+
+    #[test]
+    fn bad_input_changes_nothing() {
+        let vm = FakeVm::default();
+        let (tx, _events) = channel();
+        for (line, class) in [
+            ("not json", "GenericError"),
+            ("[1,2]", "GenericError"),
+            (r#"{"arguments":{}}"#, "GenericError"),
+            (r#"{"execute":42}"#, "GenericError"),
+            (r#"{"execute":"stop","arguments":[]}"#, "GenericError"),
+            (
+                r#"{"execute":"stop","arguments":{"now":true}}"#,
+                "GenericError",
+            ),
+            (r#"{"execute":"stop","bogus":1}"#, "GenericError"),
+            (r#"{"execute":"no-such-command"}"#, "CommandNotFound"),
+        ] {
+            let r = handle_line(&vm, &tx, line);
+            assert_eq!(r["error"]["class"], class, "{line}: {r}");
+            assert!(!vm.is_paused(), "{line}");
+        }
+    }
+
+    #[test]
+    fn failed_stop_leaves_the_vm_running() {
+        let vm = FakeVm {
+            fail_pause: true,
+            ..Default::default()
+        };
+        let (tx, _events) = channel();
+        let r = handle_line(&vm, &tx, r#"{"execute":"stop"}"#);
+        assert!(r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("vCPU 1 stuck"));
+        assert!(!vm.is_paused());
+    }
+
+    #[test]
+    fn serves_a_socket_and_survives_an_overlong_line() {
+        let vm: Arc<dyn VmControl> = Arc::new(FakeVm::default());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+        let (_sender, thread) = spawn(theirs, vm, move || closed_tx.send(()).unwrap()).unwrap();
+        let mut writer = ours.try_clone().unwrap();
+        let mut reader = BufReader::new(ours);
+        let big = "x".repeat(MAX_LINE + 10);
+        writer
+            .write_all(format!("{big}\n{{\"execute\":\"query-status\",\"id\":1}}\n").as_bytes())
+            .unwrap();
+        assert!(next(&mut reader)["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds"));
+        assert_eq!(next(&mut reader)["id"], 1);
+        drop(writer);
+        drop(reader);
+        closed_rx.recv().unwrap();
+        thread.join().unwrap();
+        assert_eq!(
+            shutdown_event(&VmExit::Quit),
+            json!({"guest": false, "reason": "host-qmp-quit"})
+        );
+    }
+}
