@@ -408,20 +408,16 @@ impl QueueWorker {
     /// Spins until the driver makes a request available or [`POLL_TIME`]
     /// passes; returns whether there is work.
     fn poll_avail(&self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> bool {
+        if self.deferred.is_some() {
+            return false;
+        }
         let deadline = Instant::now() + POLL_TIME;
         let guard = mem.memory();
         loop {
-            {
-                let state = vring.get_ref();
-                let queue = state.get_queue();
-                if !queue.ready() {
-                    return false;
-                }
-                match queue.avail_idx(&*guard, Ordering::Acquire) {
-                    Ok(idx) if idx.0 != queue.next_avail() => return true,
-                    Ok(_) => {}
-                    Err(_) => return false,
-                }
+            match avail_pending(vring, &guard) {
+                Some(0) => {}
+                Some(_) => return true,
+                None => return false,
             }
             if Instant::now() >= deadline {
                 return false;
@@ -453,11 +449,26 @@ impl QueueWorker {
             if used {
                 signal(vring, event_idx, self.index);
             }
-            if self.throttled || !event_idx {
+            // Throttled or waiting for bounce budget: the timer or the next
+            // completion resumes the queue, not the avail ring.
+            if self.throttled || self.deferred.is_some() || !event_idx {
                 break;
             }
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => {
+                    // More requests arrived meanwhile, unless the driver
+                    // published an impossible avail index: then popping
+                    // fails forever and looping would spin this thread.
+                    if avail_pending(vring, &mem.memory()).is_some() {
+                        continue;
+                    }
+                    warn_limited!(
+                        self.warn,
+                        "queue {}: invalid avail ring index; waiting for the next kick",
+                        self.index
+                    );
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     log::error!("queue {}: enable notification: {e}", self.index);
@@ -813,6 +824,20 @@ fn guest_iovecs(mem: &GuestMem, segs: &[Segment]) -> std::result::Result<Vec<lib
         }
     }
     Ok(iov)
+}
+
+/// Requests the driver has made available and we have not popped; `None`
+/// if the queue is not ready or its avail index is impossible (more than a
+/// ring ahead of us), which a well-behaved driver never publishes.
+fn avail_pending(vring: &VringRwLock, mem: &GuestMem) -> Option<u16> {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    if !queue.ready() {
+        return None;
+    }
+    let idx = queue.avail_idx(mem, Ordering::Acquire).ok()?;
+    let pending = idx.0.wrapping_sub(queue.next_avail());
+    (pending <= queue.size()).then_some(pending)
 }
 
 fn write_status(mem: &GuestMem, at: GuestAddress, status: u8) {
