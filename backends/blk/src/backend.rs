@@ -599,7 +599,8 @@ impl QueueWorker {
                 self.ioerr(format_args!("discard/write-zeroes on a read-only disk"))
             }
             Kind::Discard(ranges) => {
-                for r in ranges {
+                // An empty range is a no-op, not an fallocate EINVAL.
+                for r in ranges.into_iter().filter(|r| r.len > 0) {
                     if let Err(e) = self.disk.discard(r.offset, r.len) {
                         return self.ioerr(format_args!(
                             "discard {}+{} on {}: {e}",
@@ -612,7 +613,7 @@ impl QueueWorker {
                 Started::Done(VIRTIO_BLK_S_OK as u8, 1)
             }
             Kind::WriteZeroes(ranges) => {
-                for r in ranges {
+                for r in ranges.into_iter().filter(|r| r.len > 0) {
                     if let Err(e) = self.disk.write_zeroes(r.offset, r.len, r.unmap) {
                         return self.ioerr(format_args!(
                             "write-zeroes {}+{} on {}: {e}",

@@ -344,6 +344,13 @@ fn malformed_chains_complete_with_errors_and_the_device_survives() {
         status_of(&mut d, &[r(hdr, 16), r(buf, 16), w(st, 1)]),
         (S_UNSUPP, 1)
     );
+    // A zero-length discard range is a no-op.
+    d.mem.write_obj(0u32, GuestAddress(buf + 8)).unwrap();
+    d.mem.write_obj(0u32, GuestAddress(buf + 12)).unwrap();
+    assert_eq!(
+        status_of(&mut d, &[r(hdr, 16), r(buf, 16), w(st, 1)]),
+        (S_OK, 1)
+    );
     // A `next` index past the table end truncates the chain: no status.
     d.header(hdr, T_IN, 0);
     d.write_chain(&[r(hdr, 16), w(st, 1)], 0);
