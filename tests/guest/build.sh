@@ -195,6 +195,8 @@ build_image() {
     pack_cpio "$stage" "$out/initramfs.img"
     cp "$(ls "$kroot"/boot/vmlinuz-* | head -n1)" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
     ls "$kroot"/boot/vmlinuz-* | head -n1 | xargs basename >"$out/kernel-release"
+    # The harness computes lpj= from the TSC rate and the kernel's HZ.
+    sed -n 's/^CONFIG_HZ=//p' "$kroot"/boot/config-* | head -n1 >"$out/kernel-hz"
     rm -rf "$stage"
     echo "$want" >"$stamp"
     log "$kind: $out/vmlinuz $out/initramfs.img ($(du -h "$out/initramfs.img" | cut -f1))"

@@ -24,12 +24,12 @@ use crate::{paths, process};
 /// Boot attempts before giving up (TESTING.md "Known flake": some boots
 /// print nothing at all and never progress).
 pub const BOOT_ATTEMPTS: u32 = 4;
-/// How long a boot may go without the agent's ready marker before it counts
-/// as the flake (`FLOTILLA_L1_READY_TIMEOUT` seconds overrides). A healthy
-/// boot takes ~3 s on an idle machine and ~10 s on a busy one.
+/// How long the console of a booting L1 may stay silent, before its init
+/// runs, until the boot counts as stuck (`FLOTILLA_L1_READY_TIMEOUT` seconds
+/// overrides). A healthy boot reaches the ready marker in ~3 s on an idle
+/// machine, ~10 s on a busy one.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(25);
-/// Once init has started (`FLOTILLA-L1-BOOT` on the console), the boot is
-/// not the flake, just slow (a loaded machine): wait up to this long.
+/// A boot that keeps printing is slow, not stuck; but this is the limit.
 pub const SLOW_BOOT_LIMIT: Duration = Duration::from_secs(120);
 /// Extra time the host side allows beyond a command's own timeout (which the
 /// agent enforces) before declaring the agent dead.
@@ -144,11 +144,8 @@ impl L1Vm {
         .arg(&images.kernel)
         .arg("-initrd")
         .arg(&images.initramfs)
-        // earlyprintk: a stuck boot shows how far it got (the flake).
-        .args([
-            "-append",
-            "console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1 quiet",
-        ])
+        .arg("-append")
+        .arg(l1_cmdline(images))
         .arg("-serial")
         .arg(format!("file:{}", console_log.display()))
         .arg("-chardev")
@@ -213,9 +210,18 @@ impl L1Vm {
             pending: Vec::new(),
         };
 
+        // The flake shows as a console that stops growing before init runs;
+        // a loaded machine boots slowly but steadily. So retry on a stall,
+        // not on a fixed deadline (up to SLOW_BOOT_LIMIT in all).
+        let mut console_len = 0;
+        let mut last_growth = Instant::now();
         loop {
             let elapsed = started.elapsed();
             let console = fs::read(&vm.console_log).unwrap_or_default();
+            if console.len() != console_len {
+                console_len = console.len();
+                last_growth = Instant::now();
+            }
             if let Some(reason) = find_line(&console, b"FLOTILLA-L1-FAILED") {
                 return Err(BootFailure::Fatal(Error::L1Boot {
                     attempts: attempt,
@@ -226,17 +232,18 @@ impl L1Vm {
                 }));
             }
             let init_started = contains(&console, b"FLOTILLA-L1-BOOT");
-            if (!init_started && elapsed > ready_timeout) || elapsed > SLOW_BOOT_LIMIT {
+            let stalled = !init_started && last_growth.elapsed() > ready_timeout;
+            if stalled || elapsed > SLOW_BOOT_LIMIT {
                 return Err(BootFailure::Retry(format!(
-                    "no ready marker within {:.0}s; console printed {} bytes{} ({})",
+                    "no ready marker after {:.0}s, console {} ({} bytes, last line: {:?})",
                     elapsed.as_secs_f64(),
-                    console.len(),
-                    if init_started {
-                        ", init had started"
+                    if stalled {
+                        format!("silent for {:.0}s", last_growth.elapsed().as_secs_f64())
                     } else {
-                        ""
+                        "still printing".to_string()
                     },
-                    vm.console_log.display()
+                    console.len(),
+                    last_line(&console),
                 )));
             }
             if let Ok(Some(status)) = vm.child.try_wait() {
@@ -438,6 +445,92 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The L1 kernel command line.
+///
+/// `tsc_early_khz` (+ `tsc=reliable`, `lpj`): without them the kernel
+/// calibrates the TSC against the PIT, which fails when the host is busy
+/// (TCG vCPU threads get descheduled mid-measurement): "tsc: Unable to
+/// calibrate against PIT ... Marking TSC unstable due to could not calculate
+/// TSC khz", and the boot then hangs for good. That is the "known flake" of
+/// TESTING.md: it hit every boot while another L1 was booting. Under TCG the
+/// guest TSC ticks at the host TSC's rate, so the host's rate is the answer.
+///
+/// `earlyprintk` and no `quiet`: the console log is a file, cheap to write,
+/// and shows where a stuck boot stopped.
+fn l1_cmdline(images: &Images) -> String {
+    let mut cmdline = String::from("console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1");
+    if let Some(khz) = host_tsc_khz() {
+        cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+        let hz = images
+            .kernel
+            .parent()
+            .and_then(|dir| fs::read_to_string(dir.join("kernel-hz")).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if let Some(hz) = hz.filter(|&hz| hz > 0) {
+            cmdline.push_str(&format!(" lpj={}", khz * 1000 / hz));
+        }
+    }
+    cmdline
+}
+
+/// The host's TSC rate in kHz (`FLOTILLA_TSC_KHZ` overrides), measured
+/// against CLOCK_MONOTONIC over 200 ms. Each endpoint is a TSC read, a clock
+/// read and a TSC read; pairs more than ~20 us apart (preempted) are redone,
+/// so the error stays around 1e-4.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        if let Some(khz) = std::env::var("FLOTILLA_TSC_KHZ")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            return Some(khz);
+        }
+        measure_tsc_khz()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    use std::arch::x86_64::_rdtsc;
+    let sample = || {
+        for _ in 0..100 {
+            // SAFETY: rdtsc has no preconditions on x86_64.
+            let a = unsafe { _rdtsc() };
+            let t = Instant::now();
+            // SAFETY: as above.
+            let b = unsafe { _rdtsc() };
+            if b > a && b - a < 50_000 {
+                return Some((a / 2 + b / 2, t));
+            }
+        }
+        None
+    };
+    let (c0, t0) = sample()?;
+    thread::sleep(Duration::from_millis(200));
+    let (c1, t1) = sample()?;
+    let secs = t1.duration_since(t0).as_secs_f64();
+    let khz = (c1.checked_sub(c0)? as f64 / secs / 1000.0).round() as u64;
+    // Anything outside 100 MHz..10 GHz is a broken measurement.
+    (100_000..10_000_000).contains(&khz).then_some(khz)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}
+
+fn last_line(text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    text.trim_end()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .chars()
+        .take(160)
+        .collect()
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -498,6 +591,13 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(base64(input.as_bytes()), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn tsc_rate_is_plausible() {
+        if let Some(khz) = host_tsc_khz() {
+            assert!((100_000..10_000_000).contains(&khz), "{khz}");
         }
     }
 

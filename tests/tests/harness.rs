@@ -52,6 +52,16 @@ fn kvm_host_runs_commands() {
         started.elapsed()
     );
 
+    // The L1 clock runs at the right rate (its TSC rate is passed in from
+    // the host): a 2 s sleep inside must not finish early.
+    let started = Instant::now();
+    host.run("sleep 2", t).expect("sleep");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "sleep 2 took {:?}",
+        started.elapsed()
+    );
+
     // Still usable after a timeout.
     let out = host.run("echo again", t).expect("command after a timeout");
     assert_eq!(out.stdout_str(), "again\n");
