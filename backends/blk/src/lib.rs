@@ -4,7 +4,8 @@
 //! descriptor chain, [`disk`] owns the image, [`aio`] runs reads, writes
 //! and flushes asynchronously, [`throttle`] limits the request rate,
 //! [`config`] is what the guest negotiates, and [`backend`] ties them to
-//! `vhost-user-backend`. [`run`] is the program.
+//! `vhost-user-backend`, with one [`queue`] worker per request queue.
+//! [`run`] is the program.
 
 #![warn(missing_docs)]
 
@@ -12,6 +13,7 @@ pub mod aio;
 pub mod backend;
 pub mod config;
 pub mod disk;
+pub mod queue;
 pub mod request;
 pub mod throttle;
 
