@@ -553,6 +553,37 @@ fn serves_an_inherited_socketpair_and_image_fd() {
 }
 
 #[test]
+fn serves_an_inherited_listening_socket() {
+    let dir = TempDir::new("listen-fd");
+    let image = random_image(1 << 20, 19);
+    let img = dir.0.join("img");
+    std::fs::write(&img, &image).unwrap();
+    let sock = dir.0.join("listen.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.into_raw_fd();
+    clear_cloexec(fd);
+    let mut child = Command::new(BIN)
+        .args(["--log-level", "warn", "--fd", &fd.to_string(), "--image"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // SAFETY: the listening fd is ours and no longer needed here.
+    unsafe { libc::close(fd) };
+    let mut d = Driver::setup(Frontend::connect(&sock, 1).expect("connect"), 0);
+    assert_eq!(d.read(8, 4096), image[4096..8192]);
+    drop(d);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "backend did not exit after hang-up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn sigterm_ends_the_backend_cleanly() {
     let image = random_image(1 << 20, 16);
     // Idle, waiting for a frontend.
