@@ -69,6 +69,8 @@ impl L1Vm {
         let images = images::l1_images()?;
         let logs = paths::log_dir();
         fs::create_dir_all(&logs).context(|| format!("creating {}", logs.display()))?;
+        paths::prune_older_than(&logs, Duration::from_secs(24 * 3600));
+        paths::prune_older_than(&logs.join("scratch"), Duration::from_secs(24 * 3600));
         let ready_timeout = std::env::var("FLOTILLA_L1_READY_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())

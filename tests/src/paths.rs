@@ -73,6 +73,31 @@ pub fn log_dir() -> PathBuf {
     target_dir().join("flotilla-tests")
 }
 
+/// Removes entries of `dir` not modified for `max_age`, so per-process logs
+/// and scratch directories do not pile up run after run. Best effort: a file
+/// another process is still using is young, and errors are ignored.
+pub fn prune_older_than(dir: &Path, max_age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > max_age);
+        if old {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+}
+
 /// The flotilla-vmm binary under test (`$FLOTILLA_VMM` overrides).
 pub fn vmm_binary() -> PathBuf {
     match std::env::var_os("FLOTILLA_VMM") {

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use flotilla_tests::guest::scratch_dir;
 use flotilla_tests::process::run_with_timeout;
-use flotilla_tests::{boot_guest, guest_images, paths, GuestRun, Output, Vmm};
+use flotilla_tests::{
+    boot_guest, extend_initramfs, guest_images, paths, GuestConfig, GuestRun, Images, Output, Vmm,
+};
 
 fn flotilla(scenario: &str, mem_mib: u32, cpus: u32, extra_append: &str) -> GuestRun {
     boot_guest(Vmm::Flotilla, scenario, mem_mib, cpus, extra_append)
@@ -73,6 +75,37 @@ fn guest_poweroff_ends_vm_with_status_0() {
     assert_eq!(run.result("action"), Some("poweroff"), "{run}");
     assert_eq!(run.result("error"), None, "{run}");
     assert_eq!(run.status, 0, "{run}");
+}
+
+/// A test can add files to the guest by appending a cpio archive to the
+/// initramfs (here: a new scenario), without rebuilding the base image.
+#[test]
+fn extended_initramfs_adds_a_scenario() {
+    let base = guest_images().expect("guest images");
+    let dir = scratch_dir("extend").expect("scratch dir");
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("scenarios")).expect("creating scenario dir");
+    std::fs::write(
+        root.join("scenarios/extra.sh"),
+        "echo \"FLOTILLA-RESULT extra=$(cat /proc/sys/kernel/osrelease)\"\n",
+    )
+    .expect("writing scenario");
+    let initramfs = dir.join("initramfs.img");
+    extend_initramfs(&base.initramfs, &initramfs, &root).expect("extending the initramfs");
+    let run = GuestConfig {
+        images: Some(Images {
+            kernel: base.kernel,
+            initramfs,
+        }),
+        ..GuestConfig::new(Vmm::Flotilla, "extra")
+    }
+    .run()
+    .expect("running flotilla-vmm with the extended initramfs");
+    assert_clean_run(&run);
+    assert!(
+        run.result("extra").is_some_and(|v| v.contains("cloud")),
+        "{run}"
+    );
 }
 
 /// Bad-input checks do not execute a guest, so they run on this host
