@@ -1,6 +1,6 @@
 //! The vhost-user device: [`BlockBackend`] implements `VhostUserBackend`,
 //! and each queue is served by its own worker thread through a
-//! [`QueueWorker`](crate::queue::QueueWorker).
+//! [`QueueWorker`].
 //!
 //! The library gives every queue its own epoll thread (`queues_per_thread`
 //! returns one bit per thread). On that thread three events drive a queue:
@@ -45,7 +45,7 @@ pub struct BackendOptions {
     pub aio: AioMode,
     /// Requests per second over all queues; `None` is unlimited.
     pub iops_total: Option<u64>,
-    /// Busy-poll each queue for [`POLL_TIME`] after it runs dry.
+    /// Busy-poll each queue for a short time (50 µs) after it runs dry.
     pub poll: bool,
 }
 
