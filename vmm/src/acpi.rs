@@ -7,7 +7,9 @@
 //! `poweroff` reaches the sleep control register.
 
 use acpi_tables::aml::{
-    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO,
+    And, Device, EISAName, Equal, Field, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion,
+    OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store, IO, ZERO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -21,12 +23,12 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::layout::{
-    ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_TABLES_END, IOAPIC_START, LAPIC_START,
-    RSDP_START, SERIAL_IRQ,
+    ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_TABLES_END, GED_IRQ, GED_PORT,
+    IOAPIC_START, LAPIC_START, RSDP_START, SERIAL_IRQ,
 };
 use crate::device_manager::MmioDeviceInfo;
-use crate::devices::acpi_pm;
 use crate::devices::legacy::SERIAL_PORT;
+use crate::devices::{acpi_pm, ged};
 use crate::vstate::memory::GuestMemory;
 
 const OEM_ID: [u8; 6] = *b"FLOTIL";
@@ -106,7 +108,55 @@ pub fn dsdt(mmio_devices: &[MmioDeviceInfo]) -> Vec<u8> {
         Path::new("COM1"),
         com1_children.iter().map(|n| n as &dyn Aml).collect(),
     );
-    let mut children: Vec<&dyn Aml> = vec![&com1];
+    // The Generic Event Device: its _EVT reads the event selector and turns the power-button
+    // bit into a Notify on PWRB, which the guest's ACPI button driver reports as KEY_POWER.
+    let ged_irq = Interrupt::new(true, true, false, false, GED_IRQ);
+    let ged_crs = ResourceTemplate::new(vec![&ged_irq]);
+    let ged_port = u32::from(GED_PORT);
+    let ged_len = ged::LEN as u32;
+    let ged_region = OpRegion::new(
+        Path::new("GDST"),
+        OpRegionSpace::SystemIO,
+        &ged_port,
+        &ged_len,
+    );
+    let ged_field = Field::new(
+        Path::new("GDST"),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GDAT", 32)],
+    );
+    let gdat = Path::new("GDAT");
+    let read_events = Store::new(&Local(0), &gdat);
+    let power_bit = ged::EVENT_POWER_BUTTON;
+    let pressed = And::new(&ZERO, &Local(0), &power_bit);
+    let is_pressed = Equal::new(&pressed, &power_bit);
+    let pwrb = Path::new("\\_SB_.PWRB");
+    let notify_value = 0x80u8;
+    let notify = Notify::new(&pwrb, &notify_value);
+    let on_power = If::new(&is_pressed, vec![&notify]);
+    let evt = Method::new(Path::new("_EVT"), 1, true, vec![&read_events, &on_power]);
+    let ged_hid = Name::new(Path::new("_HID"), &"ACPI0013");
+    let ged_uid = Name::new(Path::new("_UID"), &0u8);
+    let ged_crs_name = Name::new(Path::new("_CRS"), &ged_crs);
+    let ged_dev = Device::new(
+        Path::new("GED0"),
+        vec![
+            &ged_hid,
+            &ged_uid,
+            &ged_crs_name,
+            &ged_region,
+            &ged_field,
+            &evt,
+        ],
+    );
+    let pwrb_hid_id = EISAName::new("PNP0C0C");
+    let pwrb_hid = Name::new(Path::new("_HID"), &pwrb_hid_id);
+    let pwrb_uid = Name::new(Path::new("_UID"), &0u8);
+    let pwrb_dev = Device::new(Path::new("PWRB"), vec![&pwrb_hid, &pwrb_uid]);
+
+    let mut children: Vec<&dyn Aml> = vec![&com1, &ged_dev, &pwrb_dev];
     children.extend(devices.iter().map(|d| d as &dyn Aml));
     Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
 
@@ -232,6 +282,10 @@ mod tests {
         assert_eq!(find(&t, b"LNRO0005"), 2);
         assert_eq!(find(&t, b"_S5_"), 1);
         assert_eq!(find(&t, b"COM1"), 1);
+        assert_eq!(find(&t, b"ACPI0013"), 1);
+        assert_eq!(find(&t, b"_EVT"), 1);
+        // PNP0C0C (power button) as an EISA id.
+        assert_eq!(find(&t, &[0x0c, 0x41, 0xd0, 0x0c, 0x0c]), 1);
         // PNP0501 compressed as an EISA id, with IRQ 4.
         assert_eq!(find(&t, &[0x0c, 0x41, 0xd0, 0x05, 0x01]), 1);
         assert_eq!(find(&t, &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]), 1);

@@ -3,7 +3,9 @@
 
 use std::fs::OpenOptions;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use crate::devices::ged::{Ged, EVENT_POWER_BUTTON};
 use std::thread::JoinHandle;
 
 use crate::acpi::{self, AcpiError};
@@ -62,6 +64,7 @@ impl BuildError {
 #[derive(Clone)]
 pub struct VmHandle {
     exit_tx: Sender<VmExit>,
+    ged: Option<Arc<Mutex<Ged>>>,
     run_state: Arc<VcpuRunState>,
     vcpus: Arc<Vec<JoinHandle<()>>>,
 }
@@ -91,6 +94,17 @@ impl VmHandle {
     /// OS thread id of each vCPU, by index.
     pub fn vcpu_thread_ids(&self) -> Vec<i32> {
         self.run_state.thread_ids()
+    }
+
+    /// Presses the ACPI power button (the guest decides what to do about it).
+    pub fn powerdown(&self) -> Result<(), String> {
+        let ged = self
+            .ged
+            .as_ref()
+            .ok_or("the machine has no ACPI power button")?;
+        crate::devices::bus::lock(ged)
+            .notify(EVENT_POWER_BUTTON)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -208,6 +222,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
         exit_rx,
         handle: VmHandle {
             exit_tx,
+            ged: devices.ged.clone(),
             run_state,
             vcpus: Arc::new(handles),
         },

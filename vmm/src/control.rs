@@ -29,6 +29,8 @@ pub trait VmControl: Send + Sync {
     fn vcpu_thread_ids(&self) -> Vec<i32>;
     /// Ends the VMM (QMP `quit`).
     fn quit(&self);
+    /// Presses the ACPI power button (QMP `system_powerdown`).
+    fn powerdown(&self) -> Result<(), String>;
 }
 
 impl VmControl for VmHandle {
@@ -46,6 +48,9 @@ impl VmControl for VmHandle {
     }
     fn quit(&self) {
         self.end(VmExit::Quit)
+    }
+    fn powerdown(&self) -> Result<(), String> {
+        VmHandle::powerdown(self)
     }
 }
 
@@ -169,6 +174,21 @@ fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Val
             }
             vm.quit();
             json!({ "return": {} })
+        }
+        "system_powerdown" => {
+            if !args.is_empty() {
+                return no_args(Value::Null);
+            }
+            match vm.powerdown() {
+                Ok(()) => {
+                    events.event("POWERDOWN", json!({}));
+                    json!({ "return": {} })
+                }
+                Err(e) => error(
+                    "GenericError",
+                    format!("cannot press the power button: {e}"),
+                ),
+            }
         }
         "query-cpus" => no_args(json!({ "return": query_cpus(vm) })),
         "query-hotpluggable-cpus" => no_args(json!({ "return": hotpluggable_cpus(vm) })),
@@ -314,6 +334,10 @@ mod tests {
         fn quit(&self) {
             self.quits.fetch_add(1, Ordering::SeqCst);
         }
+        fn powerdown(&self) -> Result<(), String> {
+            self.quits.fetch_add(10, Ordering::SeqCst);
+            Ok(())
+        }
     }
 
     fn channel() -> (ControlSender, BufReader<UnixStream>) {
@@ -352,8 +376,13 @@ mod tests {
             json!({"return":{},"id":"x"})
         );
         assert_eq!(next(&mut events)["event"], "RESUME");
+        assert_eq!(
+            handle_line(&vm, &tx, r#"{"execute":"system_powerdown"}"#),
+            json!({"return":{}})
+        );
+        assert_eq!(next(&mut events)["event"], "POWERDOWN");
         handle_line(&vm, &tx, r#"{"execute":"quit"}"#);
-        assert_eq!(vm.quits.load(Ordering::SeqCst), 1);
+        assert_eq!(vm.quits.load(Ordering::SeqCst), 11);
     }
 
     #[test]

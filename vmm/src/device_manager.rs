@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::layout::*;
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::ged::{self, Ged};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialOut};
@@ -73,6 +74,8 @@ pub struct DeviceManager {
     pub mmio_devices: Vec<MmioDeviceInfo>,
     /// COM1, shared with the stdin thread.
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The ACPI Generic Event Device (power button).
+    pub ged: Option<Arc<Mutex<Ged>>>,
 }
 
 impl DeviceManager {
@@ -83,6 +86,7 @@ impl DeviceManager {
             mmio: Bus::new("mmio"),
             mmio_devices: Vec::new(),
             serial: None,
+            ged: None,
         }
     }
 
@@ -116,6 +120,10 @@ impl DeviceManager {
             acpi_pm::LEN,
             Arc::new(Mutex::new(AcpiPm::new(exit))),
         )?;
+        let ged = Arc::new(Mutex::new(Ged::new(Self::irqfd(vm, GED_IRQ)?)));
+        self.pio
+            .insert(u64::from(GED_PORT), ged::LEN, ged.clone())?;
+        self.ged = Some(ged);
         Ok(())
     }
 

@@ -65,12 +65,16 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 pub const SERIAL_IRQ: u32 = 4;
 /// First IRQ handed to virtio-mmio devices.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// Last IRQ the IOAPIC has (24 pins).
-pub const IRQ_MAX: u32 = 23;
+/// IRQ of the ACPI Generic Event Device (the IOAPIC's last pin).
+pub const GED_IRQ: u32 = 23;
+/// Last IRQ virtio-mmio devices may use.
+pub const IRQ_MAX: u32 = GED_IRQ - 1;
 
 /// I/O port of the ACPI sleep control / status and reset registers (hardware-reduced ACPI).
 pub const ACPI_PM_PORT: u16 = 0x600;
 /// Value the guest writes to [`ACPI_PM_PORT`] + 1 (reset register) to reset.
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// I/O port of the Generic Event Device's event selector (4 bytes).
+pub const GED_PORT: u16 = 0x604;
 /// `SLP_TYP` of the S5 (soft-off) state, as written in `\_S5`.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
