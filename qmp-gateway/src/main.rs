@@ -1,0 +1,3 @@
+//! `flotilla`: StratoVirt-compatible front end (being built; see the library).
+
+fn main() {}
