@@ -9,7 +9,7 @@ use crate::devices::ged::{Ged, EVENT_POWER_BUTTON};
 use std::thread::JoinHandle;
 
 use crate::acpi::{self, AcpiError};
-use crate::arch::boot::{self, BootError};
+use crate::arch::boot::{self, BootError, BootImage};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
@@ -161,19 +161,40 @@ fn kernel_cmdline(config: &VmConfig, devices: &DeviceManager) -> String {
     cmdline
 }
 
+/// The files the guest boots from, kept open for resets.
+pub struct GuestImages {
+    kernel: BootImage,
+    initrd: Option<BootImage>,
+}
+
+impl GuestImages {
+    /// Opens the kernel and initrd named in `config`.
+    pub fn open(config: &VmConfig) -> Result<Self, BootError> {
+        Ok(GuestImages {
+            kernel: BootImage::open("kernel", &config.kernel)?,
+            initrd: config
+                .initrd
+                .as_deref()
+                .map(|p| BootImage::open("initrd", p))
+                .transpose()?,
+        })
+    }
+}
+
 /// Loads kernel, command line, initrd, zero page and ACPI tables.
 fn load_guest(
     config: &VmConfig,
+    images: &mut GuestImages,
     ram: &GuestRam,
     devices: &DeviceManager,
 ) -> Result<vm_memory::GuestAddress, BuildError> {
-    let kernel = boot::load_kernel(&ram.memory, &config.kernel)?;
+    let kernel = boot::load_kernel(&ram.memory, &mut images.kernel)?;
     let cmdline = kernel_cmdline(config, devices);
     boot::load_cmdline(&ram.memory, &cmdline)?;
-    let initrd = config
+    let initrd = images
         .initrd
-        .as_deref()
-        .map(|path| boot::load_initrd(&ram.memory, &ram.ranges, &kernel, path))
+        .as_mut()
+        .map(|image| boot::load_initrd(&ram.memory, &ram.ranges, &kernel, image))
         .transpose()?;
     boot::write_zero_page(&ram.memory, &ram.ranges, &kernel, cmdline.len(), initrd)?;
     acpi::create_acpi_tables(&ram.memory, config.vcpus, &devices.mmio_devices)?;
@@ -187,6 +208,7 @@ fn load_guest(
 
 /// Builds and starts a microvm.
 pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
+    let mut images = GuestImages::open(config)?;
     let serial_out = serial_output(config)?;
     let ram = GuestRam::new(config.mem_mib << 20)?;
     let vm = Vm::new()?;
@@ -195,7 +217,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
 
     let mut devices = DeviceManager::new();
     devices.add_legacy_devices(vm.fd(), serial_out, exit_tx.clone())?;
-    let entry = load_guest(config, &ram, &devices)?;
+    let entry = load_guest(config, &mut images, &ram, &devices)?;
 
     let vcpus = (0..config.vcpus)
         .map(|index| {

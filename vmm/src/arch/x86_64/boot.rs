@@ -80,18 +80,60 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
+/// A kernel or initrd file, opened once at start-up and kept: a reset reloads the guest from
+/// the same open file (even if its path has since changed), and the core opens nothing after
+/// set-up.
+pub struct BootImage {
+    what: &'static str,
+    path: PathBuf,
+    file: File,
+}
+
+impl BootImage {
+    /// Opens `path`; `what` ("kernel", "initrd") names it in errors.
+    pub fn open(what: &'static str, path: &Path) -> Result<Self, BootError> {
+        let file = File::open(path).map_err(|source| BootError::Read {
+            what,
+            path: path.into(),
+            source,
+        })?;
+        Ok(BootImage {
+            what,
+            path: path.into(),
+            file,
+        })
+    }
+
+    fn read_err(&self, source: std::io::Error) -> BootError {
+        BootError::Read {
+            what: self.what,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The file, positioned at its start.
+    fn rewound(&mut self) -> Result<&mut File, BootError> {
+        match self.file.seek(SeekFrom::Start(0)) {
+            Ok(_) => Ok(&mut self.file),
+            Err(e) => Err(self.read_err(e)),
+        }
+    }
+}
+
 /// Loads a bzImage or ELF vmlinux at 1 MiB.
-pub fn load_kernel(memory: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(memory: &GuestMemory, image: &mut BootImage) -> Result<LoadedKernel, BootError> {
+    let path = image.path.clone();
     let read_err = |source| BootError::Read {
         what: "kernel",
-        path: path.into(),
+        path: path.clone(),
         source,
     };
     let bad = |reason: String| BootError::BadKernel {
-        path: path.into(),
+        path: path.clone(),
         reason,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let file = image.rewound()?;
     let mut magic = [0u8; 4];
     let is_elf = match file.read_exact(&mut magic) {
         Ok(()) => magic == *b"\x7fELF",
@@ -103,15 +145,15 @@ pub fn load_kernel(memory: &GuestMemory, path: &Path) -> Result<LoadedKernel, Bo
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let himem = Some(GuestAddress(HIMEM_START));
     if is_elf {
-        let result = loader::Elf::load(memory, None, &mut file, himem)
-            .map_err(|e| bad(format!("ELF: {e}")))?;
+        let result =
+            loader::Elf::load(memory, None, file, himem).map_err(|e| bad(format!("ELF: {e}")))?;
         return Ok(LoadedKernel {
             entry: result.kernel_load,
             end: result.kernel_end,
             setup_header: None,
         });
     }
-    let result = loader::BzImage::load(memory, None, &mut file, himem)
+    let result = loader::BzImage::load(memory, None, file, himem)
         .map_err(|e| bad(format!("bzImage: {e}")))?;
     let header = result
         .setup_header
@@ -142,14 +184,15 @@ pub fn load_initrd(
     memory: &GuestMemory,
     ranges: &[RamRange],
     kernel: &LoadedKernel,
-    path: &Path,
+    image: &mut BootImage,
 ) -> Result<LoadedInitrd, BootError> {
+    let path = image.path.clone();
     let read_err = |source| BootError::Read {
         what: "initrd",
-        path: path.into(),
+        path: path.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let file = image.rewound()?;
     let size = file.metadata().map_err(read_err)?.len();
     let addr_max = kernel
         .setup_header
@@ -166,15 +209,15 @@ pub fn load_initrd(
         .map(|a| a & !0xfff)
         .filter(|&a| a >= kernel.end && size > 0)
         .ok_or_else(|| BootError::InitrdTooLarge {
-            path: path.into(),
+            path: path.clone(),
             size,
         })?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge {
-        path: path.into(),
+        path: path.clone(),
         size,
     })?;
     memory
-        .read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .read_exact_volatile_from(GuestAddress(addr), file, len)
         .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
     Ok(LoadedInitrd { addr, size })
 }
@@ -298,11 +341,14 @@ mod tests {
             ("elf-header-only", &b"\x7fELF\x02\x01\x01\0"[..]),
         ] {
             let path = temp_file(name, bytes);
-            let err = load_kernel(&ram.memory, &path).unwrap_err();
+            let err = load_kernel(&ram.memory, &mut BootImage::open("kernel", &path).unwrap())
+                .unwrap_err();
             assert!(matches!(err, BootError::BadKernel { .. }), "{name}: {err}");
             std::fs::remove_file(path).unwrap();
         }
-        let err = load_kernel(&ram.memory, Path::new("/nonexistent/vmlinuz")).unwrap_err();
+        let err = BootImage::open("kernel", Path::new("/nonexistent/vmlinuz"))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("/nonexistent/vmlinuz"));
     }
 
@@ -315,7 +361,8 @@ mod tests {
             setup_header: None,
         };
         let path = temp_file("initrd", &[7u8; 10_000]);
-        let initrd = load_initrd(&ram.memory, &ram.ranges, &kernel, &path).unwrap();
+        let mut image = BootImage::open("initrd", &path).unwrap();
+        let initrd = load_initrd(&ram.memory, &ram.ranges, &kernel, &mut image).unwrap();
         assert_eq!(initrd.size, 10_000);
         assert_eq!(initrd.addr % 4096, 0);
         assert!(initrd.addr + initrd.size <= 256 * MIB && initrd.addr >= 256 * MIB - 16384);
@@ -330,7 +377,7 @@ mod tests {
             end: 256 * MIB - 4096,
             ..kernel
         };
-        assert!(load_initrd(&ram.memory, &ram.ranges, &big, &path).is_err());
+        assert!(load_initrd(&ram.memory, &ram.ranges, &big, &mut image).is_err());
         std::fs::remove_file(path).unwrap();
     }
 
