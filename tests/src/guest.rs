@@ -169,27 +169,29 @@ pub struct GuestRun {
 impl GuestRun {
     /// The guest init ran.
     pub fn saw_init(&self) -> bool {
-        self.serial_output
-            .lines()
-            .any(|l| l.starts_with(INIT_MARKER))
+        self.serial_output.contains(INIT_MARKER)
     }
 
     /// Value of `FLOTILLA-RESULT key=value`, the first one with that key.
+    /// Markers are searched anywhere in a line: a kernel message may have
+    /// been printed in front of them.
     pub fn result(&self, key: &str) -> Option<&str> {
-        self.serial_output.lines().find_map(|l| {
-            let rest = l.trim().strip_prefix("FLOTILLA-RESULT ")?;
-            rest.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        })
+        self.marked("FLOTILLA-RESULT ", key)
     }
 
     /// `status` of `FLOTILLA-SCENARIO-END` (absent when the scenario ended
     /// the machine itself, or never finished).
     pub fn scenario_status(&self) -> Option<i32> {
-        self.serial_output.lines().find_map(|l| {
-            let rest = l.trim().strip_prefix("FLOTILLA-SCENARIO-END ")?;
+        self.marked("FLOTILLA-SCENARIO-END ", "status")?
+            .parse()
+            .ok()
+    }
+
+    fn marked(&self, marker: &str, key: &str) -> Option<&str> {
+        self.serial_output.lines().find_map(|line| {
+            let rest = &line[line.find(marker)? + marker.len()..];
             rest.split_whitespace()
-                .find_map(|kv| kv.strip_prefix("status=")?.parse().ok())
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
         })
     }
 
@@ -234,4 +236,62 @@ pub fn scratch_dir(name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(serial: &str) -> GuestRun {
+        GuestRun {
+            vmm: Vmm::Qemu,
+            command: String::new(),
+            status: 0,
+            serial_output: serial.to_string(),
+            stderr: String::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn parses_guest_markers() {
+        let r = run("[ 0.1] x\nFLOTILLA-GUEST-INIT kernel=6.1 scenario=cpus\n\
+                     [ 0.2] noise FLOTILLA-RESULT cpus=2\nFLOTILLA-RESULT memtotal_kb=1\n\
+                     FLOTILLA-SCENARIO-END name=cpus status=0\n");
+        assert!(r.saw_init());
+        assert_eq!(r.result("cpus"), Some("2"));
+        assert_eq!(r.result("memtotal_kb"), Some("1"));
+        assert_eq!(r.result("cpu"), None);
+        assert_eq!(r.scenario_status(), Some(0));
+        assert!(!r.guest_crashed());
+        let r = run("Kernel panic - not syncing: x\n");
+        assert!(!r.saw_init() && r.guest_crashed() && r.scenario_status().is_none());
+    }
+
+    #[test]
+    fn command_lines() {
+        let images = Images {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+        };
+        let mut c = GuestConfig::new(Vmm::Qemu, "boot");
+        c.extra_append = "reboot=t".into();
+        let line = c.command_line(&images);
+        assert!(line.contains("-M microvm,acpi=on -enable-kvm"), "{line}");
+        assert!(
+            line.ends_with(
+                "-append 'console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=boot reboot=t'"
+            ),
+            "{line}"
+        );
+        let line = GuestConfig::new(Vmm::Flotilla, "cpus").command_line(&images);
+        assert!(
+            line.contains("flotilla-vmm -kernel /k -initrd /i -append"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("-m 256 -smp 1 -serial stdio -name flotilla-test"),
+            "{line}"
+        );
+    }
 }
