@@ -16,7 +16,7 @@ use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
 use crate::exit::VmExit;
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{IrqchipSnapshot, Vm, VmError};
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,17 @@ pub struct VmHandle {
     ged: Option<Arc<Mutex<Ged>>>,
     run_state: Arc<VcpuRunState>,
     vcpus: Arc<Vec<JoinHandle<()>>>,
+    reset: Arc<ResetContext>,
+}
+
+/// What a VM reset needs: reload the guest into memory and put the irqchip back.
+struct ResetContext {
+    config: VmConfig,
+    images: Mutex<GuestImages>,
+    ram: Arc<GuestRam>,
+    vm: Arc<Vm>,
+    devices: Arc<DeviceManager>,
+    irqchip: IrqchipSnapshot,
 }
 
 impl VmHandle {
@@ -96,6 +107,37 @@ impl VmHandle {
         self.run_state.thread_ids()
     }
 
+    /// Resets the machine (QMP `system_reset`): vCPUs stop, the kernel, initrd and boot tables
+    /// are loaded again, interrupt controllers and vCPUs return to their boot state, and the
+    /// guest boots afresh. Guest RAM is not cleared, as on real hardware.
+    pub fn reset(&self) -> Result<(), String> {
+        self.pause()?;
+        let ctx = &self.reset;
+        let result = ctx
+            .vm
+            .restore_irqchip(&ctx.irqchip)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let mut images = crate::devices::bus::lock(&ctx.images);
+                load_guest(&ctx.config, &mut images, &ctx.ram, &ctx.devices)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(()) => {
+                self.run_state.resume_after_reset();
+                log::info!("VM reset");
+                Ok(())
+            }
+            Err(e) => {
+                // Guest memory may be half rewritten: the guest cannot safely go on.
+                let msg = format!("reset failed: {e}");
+                self.end(VmExit::Error(msg.clone()));
+                Err(msg)
+            }
+        }
+    }
+
     /// Presses the ACPI power button (the guest decides what to do about it).
     pub fn powerdown(&self) -> Result<(), String> {
         let ged = self
@@ -112,10 +154,6 @@ impl VmHandle {
 pub struct RunningVm {
     exit_rx: Receiver<VmExit>,
     handle: VmHandle,
-    // Kept alive for as long as the vCPUs run: KVM memory slots point into this mapping.
-    _ram: GuestRam,
-    _vm: Vm,
-    _devices: Arc<DeviceManager>,
 }
 
 impl RunningVm {
@@ -213,6 +251,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let ram = GuestRam::new(config.mem_mib << 20)?;
     let vm = Vm::new()?;
     vm.register_memory(&ram.memory)?;
+    let irqchip = vm.irqchip_snapshot()?;
     let (exit_tx, exit_rx): (Sender<VmExit>, Receiver<VmExit>) = channel();
 
     let mut devices = DeviceManager::new();
@@ -221,7 +260,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
 
     let vcpus = (0..config.vcpus)
         .map(|index| {
-            let vcpu = Vcpu::new(&vm, index)?;
+            let mut vcpu = Vcpu::new(&vm, index)?;
             vcpu.configure(&vm, &ram.memory, config.vcpus, entry)?;
             Ok(vcpu)
         })
@@ -240,6 +279,16 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
         .map(|vcpu| vcpu.start(devices.clone(), run_state.clone(), exit_tx.clone()))
         .collect::<Result<Vec<_>, VcpuError>>()?;
     log::info!("started {} vCPU(s), {} MiB", config.vcpus, config.mem_mib);
+    // The handle keeps memory, VM and devices alive for as long as the vCPUs run: KVM memory
+    // slots point into the guest RAM mapping.
+    let reset = ResetContext {
+        config: config.clone(),
+        images: Mutex::new(images),
+        ram: Arc::new(ram),
+        vm: Arc::new(vm),
+        devices: devices.clone(),
+        irqchip,
+    };
     Ok(RunningVm {
         exit_rx,
         handle: VmHandle {
@@ -247,10 +296,8 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
             ged: devices.ged.clone(),
             run_state,
             vcpus: Arc::new(handles),
+            reset: Arc::new(reset),
         },
-        _ram: ram,
-        _vm: vm,
-        _devices: devices,
     })
 }
 

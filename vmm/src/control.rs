@@ -31,6 +31,8 @@ pub trait VmControl: Send + Sync {
     fn quit(&self);
     /// Presses the ACPI power button (QMP `system_powerdown`).
     fn powerdown(&self) -> Result<(), String>;
+    /// Reboots the machine in place (QMP `system_reset`).
+    fn reset(&self) -> Result<(), String>;
 }
 
 impl VmControl for VmHandle {
@@ -51,6 +53,9 @@ impl VmControl for VmHandle {
     }
     fn powerdown(&self) -> Result<(), String> {
         VmHandle::powerdown(self)
+    }
+    fn reset(&self) -> Result<(), String> {
+        VmHandle::reset(self)
     }
 }
 
@@ -188,6 +193,18 @@ fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Val
                     "GenericError",
                     format!("cannot press the power button: {e}"),
                 ),
+            }
+        }
+        "system_reset" => {
+            if !args.is_empty() {
+                return no_args(Value::Null);
+            }
+            match vm.reset() {
+                Ok(()) => {
+                    events.event("RESET", json!({ "guest": true }));
+                    json!({ "return": {} })
+                }
+                Err(e) => error("GenericError", e),
             }
         }
         "query-cpus" => no_args(json!({ "return": query_cpus(vm) })),
@@ -338,6 +355,10 @@ mod tests {
             self.quits.fetch_add(10, Ordering::SeqCst);
             Ok(())
         }
+        fn reset(&self) -> Result<(), String> {
+            self.quits.fetch_add(100, Ordering::SeqCst);
+            Ok(())
+        }
     }
 
     fn channel() -> (ControlSender, BufReader<UnixStream>) {
@@ -381,8 +402,16 @@ mod tests {
             json!({"return":{}})
         );
         assert_eq!(next(&mut events)["event"], "POWERDOWN");
+        assert_eq!(
+            handle_line(&vm, &tx, r#"{"execute":"system_reset"}"#),
+            json!({"return":{}})
+        );
+        assert_eq!(
+            next(&mut events),
+            json!({"event":"RESET","data":{"guest":true}})
+        );
         handle_line(&vm, &tx, r#"{"execute":"quit"}"#);
-        assert_eq!(vm.quits.load(Ordering::SeqCst), 11);
+        assert_eq!(vm.quits.load(Ordering::SeqCst), 111);
     }
 
     #[test]

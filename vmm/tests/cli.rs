@@ -108,86 +108,167 @@ fn triple_fault_ends_with_register_dump() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// The control socket as the gateway drives it: stop, query-status, cont, query-cpus, quit,
-/// with STOP/RESUME/SHUTDOWN events. The guest is a two-byte spin loop, which even PVM runs.
-#[test]
-fn control_socket_lifecycle() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
-    use std::os::unix::process::CommandExt;
+/// flotilla-vmm with its control socket on fd 3, as the gateway runs it.
+struct Controlled {
+    child: std::process::Child,
+    writer: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
 
-    let kernel = elf_kernel(&[0xeb, 0xfe]); // jmp .
-    let (ours, theirs) = UnixStream::pair().expect("socketpair");
-    let child_fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-vmm"));
-    cmd.args([
-        "-kernel",
-        kernel.to_str().unwrap_or_default(),
-        "-smp",
-        "2",
-        "-control-fd",
-        "3",
-    ]);
-    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(child_fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+impl Controlled {
+    fn spawn(args: &[&str]) -> Controlled {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        use std::os::unix::process::CommandExt;
+
+        // Tests run on parallel threads; descriptor numbers are process-wide, so creating
+        // the pair and forking are serialized.
+        static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = SPAWN.lock().unwrap_or_else(|p| p.into_inner());
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let child_fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-vmm"));
+        cmd.args(args).args(["-control-fd", "3"]);
+        // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself would keep FD_CLOEXEC set; clear it explicitly then.
+                let ok = if child_fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(child_fd, 3) == 3
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn flotilla-vmm");
+        drop(theirs);
+        let writer = ours.try_clone().expect("clone");
+        Controlled {
+            child,
+            writer,
+            reader: std::io::BufReader::new(ours),
+        }
     }
-    let mut child = cmd.spawn().expect("spawn flotilla-vmm");
-    drop(theirs);
-    let mut writer = ours.try_clone().expect("clone");
-    let mut reader = BufReader::new(ours);
-    let mut roundtrip = |line: &str| -> Vec<serde_json::Value> {
-        writer
+
+    fn next(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut buf = String::new();
+        self.reader.read_line(&mut buf).expect("read");
+        if buf.is_empty() {
+            let mut stderr = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+            }
+            panic!(
+                "flotilla-vmm closed the control socket; status {:?}, stderr: {stderr}",
+                self.child.wait()
+            );
+        }
+        serde_json::from_str(&buf).expect("json")
+    }
+
+    /// Sends a command; returns the events that came before the reply, then the reply.
+    fn roundtrip(&mut self, line: &str) -> Vec<serde_json::Value> {
+        use std::io::Write;
+        self.writer
             .write_all(format!("{line}\n").as_bytes())
             .expect("send");
         let mut got = Vec::new();
         loop {
-            let mut buf = String::new();
-            reader.read_line(&mut buf).expect("read");
-            let v: serde_json::Value = serde_json::from_str(&buf).expect("json");
+            let v = self.next();
             let done = v.get("return").is_some() || v.get("error").is_some();
             got.push(v);
             if done {
                 return got;
             }
         }
-    };
-    let status = roundtrip(r#"{"execute":"query-status","id":1}"#);
+    }
+}
+
+/// The control socket as the gateway drives it: stop, query-status, cont, query-cpus, quit,
+/// with STOP/RESUME/SHUTDOWN events. The guest is a two-byte spin loop, which even PVM runs.
+#[test]
+fn control_socket_lifecycle() {
+    let kernel = elf_kernel(&[0xeb, 0xfe]); // jmp .
+    let mut vm = Controlled::spawn(&["-kernel", kernel.to_str().unwrap_or_default(), "-smp", "2"]);
+    let status = vm.roundtrip(r#"{"execute":"query-status","id":1}"#);
     assert_eq!(status[0]["return"]["status"], "running");
     assert_eq!(status[0]["id"], 1);
-    let stop = roundtrip(r#"{"execute":"stop"}"#);
+    let stop = vm.roundtrip(r#"{"execute":"stop"}"#);
     assert_eq!(stop[0]["event"], "STOP");
     assert_eq!(
-        roundtrip(r#"{"execute":"query-status"}"#)[0]["return"]["status"],
+        vm.roundtrip(r#"{"execute":"query-status"}"#)[0]["return"]["status"],
         "paused"
     );
-    let cont = roundtrip(r#"{"execute":"cont"}"#);
+    let cont = vm.roundtrip(r#"{"execute":"cont"}"#);
     assert_eq!(cont[0]["event"], "RESUME");
-    let cpus = roundtrip(r#"{"execute":"query-cpus"}"#);
-    let cpus = cpus[0]["return"].as_array().expect("cpu list");
+    let cpus = vm.roundtrip(r#"{"execute":"query-cpus"}"#);
+    let cpus = cpus[0]["return"].as_array().expect("cpu list").clone();
     assert_eq!(cpus.len(), 2);
     assert!(cpus
         .iter()
         .all(|c| c["thread_id"].as_i64().unwrap_or(0) > 0));
     assert_eq!(
-        roundtrip(r#"{"execute":"bogus"}"#)[0]["error"]["class"],
+        vm.roundtrip(r#"{"execute":"bogus"}"#)[0]["error"]["class"],
         "CommandNotFound"
     );
     assert_eq!(
-        roundtrip(r#"{"execute":"quit"}"#)[0]["return"],
+        vm.roundtrip(r#"{"execute":"quit"}"#)[0]["return"],
         serde_json::json!({})
     );
-    let mut buf = String::new();
-    reader.read_line(&mut buf).expect("SHUTDOWN event");
-    let event: serde_json::Value = serde_json::from_str(&buf).expect("json");
+    let event = vm.next();
     assert_eq!(event["event"], "SHUTDOWN");
     assert_eq!(event["data"]["reason"], "host-qmp-quit");
-    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    assert_eq!(vm.child.wait().expect("wait").code(), Some(0));
     let _ = std::fs::remove_file(&kernel);
+}
+
+/// `system_reset` reboots the guest in place: a guest that prints one byte at boot prints it
+/// again, and keeps running.
+#[test]
+fn system_reset_reboots_the_guest() {
+    // mov al, 'A'; mov dx, 0x3f8; out dx, al; jmp .
+    let kernel = elf_kernel(&[0xb0, 0x41, 0x66, 0xba, 0xf8, 0x03, 0xee, 0xeb, 0xfe]);
+    let serial = std::env::temp_dir().join(format!("flotilla-reset-serial-{}", std::process::id()));
+    let _ = std::fs::remove_file(&serial);
+    let serial_arg = format!("file:{}", serial.display());
+    let mut vm = Controlled::spawn(&[
+        "-kernel",
+        kernel.to_str().unwrap_or_default(),
+        "-smp",
+        "2",
+        "-serial",
+        &serial_arg,
+    ]);
+    let wait_for = |n: usize| {
+        for _ in 0..500 {
+            if std::fs::read(&serial).map(|b| b.len()).unwrap_or(0) >= n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    wait_for(1);
+    let reply = vm.roundtrip(r#"{"execute":"system_reset"}"#);
+    assert_eq!(
+        reply[0],
+        serde_json::json!({"event":"RESET","data":{"guest":true}})
+    );
+    wait_for(2);
+    assert_eq!(std::fs::read(&serial).expect("serial output"), b"AA");
+    assert_eq!(
+        vm.roundtrip(r#"{"execute":"query-status"}"#)[0]["return"]["status"],
+        "running"
+    );
+    vm.roundtrip(r#"{"execute":"quit"}"#);
+    assert_eq!(vm.child.wait().expect("wait").code(), Some(0));
+    let _ = std::fs::remove_file(&kernel);
+    let _ = std::fs::remove_file(&serial);
 }

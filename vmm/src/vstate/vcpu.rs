@@ -70,6 +70,8 @@ struct RunInner {
     paused: bool,
     parked: usize,
     live: usize,
+    /// Bumped by every VM reset; a vCPU that sees a new value restores its boot state.
+    reset_generation: u64,
 }
 
 /// The run state every vCPU thread shares: lets the VM be paused (`stop`) and resumed
@@ -114,10 +116,11 @@ impl VcpuRunState {
     }
 
     /// Called by a vCPU thread between KVM_RUNs: blocks while the VM is paused.
-    fn park_if_paused(&self) {
+    /// Returns the reset generation in force when the vCPU may run again.
+    fn park_if_paused(&self) -> u64 {
         let mut inner = self.lock();
         if !inner.paused {
-            return;
+            return inner.reset_generation;
         }
         inner.parked += 1;
         self.cond.notify_all();
@@ -125,6 +128,16 @@ impl VcpuRunState {
             inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
         inner.parked -= 1;
+        inner.reset_generation
+    }
+
+    /// Resumes paused vCPUs and makes each restore its boot state first (a VM reset; the
+    /// caller reloaded guest memory and the irqchip while they were parked).
+    pub fn resume_after_reset(&self) {
+        let mut inner = self.lock();
+        inner.reset_generation += 1;
+        inner.paused = false;
+        self.cond.notify_all();
     }
 
     fn vcpu_exited(&self) {
@@ -172,7 +185,32 @@ impl VcpuRunState {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    boot_state: Option<BootState>,
 }
+
+/// A vCPU's state right after configuration. KVM has no "reset vCPU" call, so a VM reset
+/// restores this snapshot (as QEMU re-writes every register on reset).
+struct BootState {
+    regs: kvm_bindings::kvm_regs,
+    sregs: kvm_bindings::kvm_sregs,
+    fpu: kvm_bindings::kvm_fpu,
+    lapic: kvm_bindings::kvm_lapic_state,
+    mp_state: kvm_bindings::kvm_mp_state,
+    xcrs: Option<kvm_bindings::kvm_xcrs>,
+}
+
+/// KVM paravirtual MSRs pointing into guest memory (kvmclock, steal time, async PF, PV EOI).
+/// They must be cleared on reset, or KVM keeps writing into memory the new kernel owns.
+const KVM_PV_MSRS: [u32; 8] = [
+    0x11,
+    0x12,
+    0x4b56_4d00,
+    0x4b56_4d01,
+    0x4b56_4d02,
+    0x4b56_4d03,
+    0x4b56_4d04,
+    0x4b56_4d06,
+];
 
 impl Vcpu {
     /// Creates vCPU `index` (its APIC id too).
@@ -185,14 +223,18 @@ impl Vcpu {
                 what: "KVM_CREATE_VCPU",
                 source,
             })?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            fd,
+            boot_state: None,
+        })
     }
 
     /// Sets CPUID (topology for `count` vCPUs), MSRs, FPU and LAPIC; the boot vCPU also gets
     /// the long-mode registers that enter the kernel at `entry`. Application processors wait
     /// for INIT/SIPI from the guest, handled by the in-kernel LAPIC.
     pub fn configure(
-        &self,
+        &mut self,
         vm: &Vm,
         memory: &GuestMemory,
         count: u8,
@@ -225,6 +267,62 @@ impl Vcpu {
             regs::setup_regs(&self.fd, entry).map_err(regs_err)?;
             regs::setup_sregs(memory, &self.fd).map_err(regs_err)?;
         }
+        self.boot_state = Some(BootState {
+            regs: self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
+            fpu: self.fd.get_fpu().map_err(ioctl("KVM_GET_FPU"))?,
+            lapic: self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?,
+            mp_state: self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+            xcrs: self.fd.get_xcrs().ok(),
+        });
+        Ok(())
+    }
+
+    /// Puts the vCPU back in the state [`configure`](Self::configure) left it in.
+    fn restore_boot_state(&self) -> Result<(), String> {
+        let state = self
+            .boot_state
+            .as_ref()
+            .ok_or("vCPU was never configured")?;
+        let fail = |what: &str, e: kvm_ioctls::Error| format!("reset: {what} failed: {e}");
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(|e| fail("KVM_SET_REGS", e))?;
+        self.fd
+            .set_fpu(&state.fpu)
+            .map_err(|e| fail("KVM_SET_FPU", e))?;
+        if let Some(xcrs) = &state.xcrs {
+            self.fd
+                .set_xcrs(xcrs)
+                .map_err(|e| fail("KVM_SET_XCRS", e))?;
+        }
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(|e| fail("KVM_SET_SREGS", e))?;
+        // One MSR per call: KVM stops at the first it refuses, and which PV MSRs exist varies.
+        let zeroed_pv = KVM_PV_MSRS
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            });
+        for entry in regs::boot_msrs().into_iter().chain(zeroed_pv) {
+            if let Ok(msrs) = kvm_bindings::Msrs::from_entries(&[entry]) {
+                if self.fd.set_msrs(&msrs) != Ok(1) {
+                    log::debug!(
+                        "vCPU {}: reset of MSR {:#x} refused",
+                        self.index,
+                        entry.index
+                    );
+                }
+            }
+        }
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(|e| fail("KVM_SET_LAPIC", e))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(|e| fail("KVM_SET_MP_STATE", e))?;
         Ok(())
     }
 
@@ -253,8 +351,15 @@ impl Vcpu {
 
     /// Runs the guest until something ends the VM.
     fn run(mut self, devices: &DeviceManager, run_state: &VcpuRunState) -> VmExit {
+        let mut generation = run_state.park_if_paused();
         loop {
-            run_state.park_if_paused();
+            let now = run_state.park_if_paused();
+            if now != generation {
+                generation = now;
+                if let Err(e) = self.restore_boot_state() {
+                    return self.fatal(&e);
+                }
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => devices.pio.read(u64::from(port), data),
                 Ok(VcpuExit::IoOut(port, data)) => devices.pio.write(u64::from(port), data),
@@ -334,8 +439,8 @@ mod tests {
         let ram = GuestRam::new(256 << 20).unwrap();
         vm.register_memory(&ram.memory).unwrap();
         let entry = GuestAddress(0x100200);
-        let vcpus: Vec<Vcpu> = (0..2).map(|i| Vcpu::new(&vm, i).unwrap()).collect();
-        for v in &vcpus {
+        let mut vcpus: Vec<Vcpu> = (0..2).map(|i| Vcpu::new(&vm, i).unwrap()).collect();
+        for v in &mut vcpus {
             v.configure(&vm, &ram.memory, 2, entry).unwrap();
         }
         let cpuid = vcpus[1].fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();

@@ -1,6 +1,9 @@
 //! The KVM VM: memory slots, the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -79,6 +82,40 @@ impl Vm {
         &self.fd
     }
 
+    /// The interrupt controllers' and PIT's state, taken before the guest runs and restored
+    /// on a VM reset (pending interrupts and IOAPIC routes from the old kernel must go).
+    pub fn irqchip_snapshot(&self) -> Result<IrqchipSnapshot, VmError> {
+        let mut chips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(ioctl("KVM_GET_IRQCHIP"))?;
+            chips.push(chip);
+        }
+        let pit = self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?;
+        Ok(IrqchipSnapshot { chips, pit })
+    }
+
+    /// Restores a state from [`irqchip_snapshot`](Self::irqchip_snapshot).
+    pub fn restore_irqchip(&self, snapshot: &IrqchipSnapshot) -> Result<(), VmError> {
+        for chip in &snapshot.chips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd
+            .set_pit2(&snapshot.pit)
+            .map_err(ioctl("KVM_SET_PIT2"))
+    }
+
     /// Registers every guest memory region as a KVM memory slot.
     pub fn register_memory(&self, memory: &GuestMemory) -> Result<(), VmError> {
         let max_slots = self.kvm.get_nr_memslots();
@@ -103,4 +140,10 @@ impl Vm {
         }
         Ok(())
     }
+}
+
+/// Saved PIC, IOAPIC and PIT state.
+pub struct IrqchipSnapshot {
+    chips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
 }
