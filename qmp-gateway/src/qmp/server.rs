@@ -423,7 +423,13 @@ fn admit(mut stream: Stream, peer: Peer, shared: &Arc<Shared>) -> io::Result<()>
     Ok(())
 }
 
+/// How long a write may block before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn write_loop(mut stream: Stream, rx: Receiver<String>) {
+    if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
+        log::warn!("QMP: cannot set a write timeout: {e}");
+    }
     for line in rx {
         if let Err(e) = stream.write_all(line.as_bytes()) {
             log::debug!("QMP write failed: {e}");
@@ -491,9 +497,12 @@ fn serve_client(mut stream: Stream, ctx: ClientCtx, tx: SyncSender<String>, shar
             }
         }
     }
+    // The writer still sends what is queued (replies to the last commands before EOF), then
+    // closes the socket when it drops the last clone.
     shared.events.unsubscribe(id);
     shared.clients().remove(&id);
-    stream.shutdown();
+    drop(tx);
+    drop(stream);
     shared.registry.handler().client_closed(&ctx);
     log::info!("QMP client {id} disconnected");
 }
