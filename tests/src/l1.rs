@@ -114,11 +114,14 @@ impl L1Vm {
         attempt: u32,
         ready_timeout: Duration,
     ) -> std::result::Result<L1Vm, BootFailure> {
-        let pid = std::process::id();
-        let console_log = logs.join(format!("l1-{pid}-{attempt}.console.log"));
-        let qemu_log = logs.join(format!("l1-{pid}-{attempt}.qemu.log"));
+        // A process may boot several L1s (after a broken one): number them.
+        static BOOTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let name = format!("l1-{}-{n}", std::process::id());
+        let console_log = logs.join(format!("{name}.console.log"));
+        let qemu_log = logs.join(format!("{name}.qemu.log"));
         // Unix socket paths are limited to 108 bytes: keep it in /tmp.
-        let socket = std::env::temp_dir().join(format!("flotilla-l1-{pid}-{attempt}.sock"));
+        let socket = std::env::temp_dir().join(format!("flotilla-{name}.sock"));
         let _ = fs::remove_file(&socket);
         let listener =
             UnixListener::bind(&socket).context(|| format!("binding {}", socket.display()))?;
