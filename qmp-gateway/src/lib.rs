@@ -5,4 +5,5 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod gateway;
 pub mod qmp;

@@ -56,12 +56,16 @@ impl fmt::Display for Peer {
     }
 }
 
+/// Work to run once a command's reply is queued.
+pub type Deferred = Box<dyn FnOnce() + Send>;
+
 /// One client connection as a handler sees it. Cheap to clone; clones share the fd queue.
 #[derive(Clone)]
 pub struct ClientCtx {
     id: u64,
     peer: Peer,
     fds: Arc<Mutex<Vec<OwnedFd>>>,
+    deferred: Arc<Mutex<Vec<Deferred>>>,
 }
 
 impl fmt::Debug for ClientCtx {
@@ -81,6 +85,25 @@ impl ClientCtx {
             id,
             peer,
             fds: Arc::default(),
+            deferred: Arc::default(),
+        }
+    }
+
+    /// Runs `work` right after the reply to the current command is queued, so that what it
+    /// causes (an event, the process ending) reaches the client after the reply — `quit`
+    /// answers `{"return": {}}` and then emits `SHUTDOWN`.
+    pub fn defer(&self, work: impl FnOnce() + Send + 'static) {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(work));
+    }
+
+    /// Runs and clears the deferred work (the server calls this after queueing a reply).
+    pub fn run_deferred(&self) {
+        let work = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in work {
+            w();
         }
     }
 

@@ -13,7 +13,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -120,6 +120,14 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn shutdown_read(&self) {
+        // As above: failure means the peer is gone already.
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
         };
     }
 
@@ -236,6 +244,7 @@ struct Shared {
     config: ServerConfig,
     events: EventBus,
     clients: Mutex<HashMap<u64, Stream>>,
+    writers: AtomicUsize,
     next_id: AtomicU64,
     stopping: AtomicBool,
 }
@@ -281,6 +290,7 @@ pub fn start(
         config,
         events,
         clients: Mutex::default(),
+        writers: AtomicUsize::new(0),
         next_id: AtomicU64::new(1),
         stopping: AtomicBool::new(false),
     });
@@ -404,9 +414,18 @@ fn admit(mut stream: Stream, peer: Peer, shared: &Arc<Shared>) -> io::Result<()>
             return Err(e);
         }
     };
+    shared.writers.fetch_add(1, Ordering::SeqCst);
+    let writer_shared = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("qmp-writer-{id}"))
-        .spawn(move || write_loop(writer, rx))
+        .spawn(move || {
+            write_loop(writer, rx);
+            writer_shared.writers.fetch_sub(1, Ordering::SeqCst);
+        })
+        .map_err(|e| {
+            shared.writers.fetch_sub(1, Ordering::SeqCst);
+            e
+        })
         .and_then(|_| {
             let shared = shared.clone();
             let ctx = ClientCtx::new(id, peer);
@@ -422,6 +441,9 @@ fn admit(mut stream: Stream, peer: Peer, shared: &Arc<Shared>) -> io::Result<()>
     }
     Ok(())
 }
+
+/// How long [`QmpServer::shutdown`] lets clients' queued lines drain.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a write may block before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -479,7 +501,9 @@ fn serve_client(mut stream: Stream, ctx: ClientCtx, tx: SyncSender<String>, shar
                     None,
                 ),
             };
-            if tx.send(reply).is_err() {
+            let sent = tx.send(reply).is_ok();
+            ctx.run_deferred();
+            if !sent {
                 open = false;
                 break;
             }
@@ -547,6 +571,16 @@ impl QmpServer {
             if handle.join().is_err() {
                 log::error!("QMP accept thread panicked");
             }
+        }
+        // Stop reading from every client; each writer still sends what is queued (the reply
+        // to `quit`, the SHUTDOWN event), then closes. Wait a little for that.
+        for stream in self.shared.clients().values() {
+            stream.shutdown_read();
+        }
+        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+        while self.shared.writers.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
         }
         for stream in self.shared.clients().values() {
             stream.shutdown();

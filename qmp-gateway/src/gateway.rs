@@ -1,0 +1,181 @@
+//! The gateway's command handler: StratoVirt's full command set, answered here when no VM
+//! is needed and refused with a clear error where the core must act (until the core's
+//! control socket is wired in, issue 3).
+//!
+//! Implemented here: `quit` (reply, `SHUTDOWN` event, then the process ends) and `getfd`
+//! (the fd passed with SCM_RIGHTS is kept under its name for later commands such as
+//! `netdev_add fd=NAME`). The built-ins `qmp_capabilities`, `query-version` and
+//! `query-commands` are the server's.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::Sender;
+use std::sync::Mutex;
+
+use serde_json::{json, Map, Value};
+
+use crate::qmp::schema::STRATOVIRT_COMMANDS;
+use crate::qmp::{ClientCtx, CommandHandler, CommandSpec, EventBus, QmpError};
+
+/// Why the gateway should stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// A QMP client sent `quit`.
+    Quit,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+}
+
+/// Most fds `getfd` keeps at once.
+pub const MAX_NAMED_FDS: usize = 256;
+
+/// The gateway's [`CommandHandler`].
+pub struct GatewayHandler {
+    events: EventBus,
+    shutdown: Mutex<Sender<Shutdown>>,
+    named_fds: Mutex<HashMap<String, OwnedFd>>,
+}
+
+impl GatewayHandler {
+    /// A handler emitting events on `events` and reporting `quit` on `shutdown`.
+    pub fn new(events: EventBus, shutdown: Sender<Shutdown>) -> Self {
+        GatewayHandler {
+            events,
+            shutdown: Mutex::new(shutdown),
+            named_fds: Mutex::default(),
+        }
+    }
+
+    fn fds(&self) -> std::sync::MutexGuard<'_, HashMap<String, OwnedFd>> {
+        self.named_fds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the fd a client stored with `getfd` under `name`.
+    pub fn take_named_fd(&self, name: &str) -> Option<OwnedFd> {
+        self.fds().remove(name)
+    }
+
+    fn getfd(&self, args: &Map<String, Value>, client: &ClientCtx) -> Result<Value, QmpError> {
+        let name = args
+            .get("fdname")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(QmpError::generic(
+                "Parameter 'fdname' expects a name not starting with a digit",
+            ));
+        }
+        let fd = client
+            .take_fd()
+            .ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
+        let mut fds = self.fds();
+        if !fds.contains_key(name) && fds.len() >= MAX_NAMED_FDS {
+            return Err(QmpError::generic(format!(
+                "too many named fds (at most {MAX_NAMED_FDS})"
+            )));
+        }
+        // Reusing a name closes the fd it held, as in QEMU.
+        fds.insert(name.to_string(), fd);
+        log::info!("getfd: client {} stored fd '{name}'", client.id());
+        Ok(json!({}))
+    }
+
+    fn quit(&self, client: &ClientCtx) -> Result<Value, QmpError> {
+        let events = self.events.clone();
+        let shutdown = self
+            .shutdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        client.defer(move || {
+            events.emit(
+                "SHUTDOWN",
+                json!({"guest": false, "reason": "host-qmp-quit"}),
+            );
+            if shutdown.send(Shutdown::Quit).is_err() {
+                log::warn!("quit: nobody waits for the shutdown request");
+            }
+        });
+        Ok(json!({}))
+    }
+}
+
+impl CommandHandler for GatewayHandler {
+    fn commands(&self) -> Vec<CommandSpec> {
+        STRATOVIRT_COMMANDS.to_vec()
+    }
+
+    fn execute(
+        &self,
+        name: &str,
+        args: Map<String, Value>,
+        client: ClientCtx,
+    ) -> Result<Value, QmpError> {
+        match name {
+            "getfd" => self.getfd(&args, &client),
+            "quit" => self.quit(&client),
+            _ => Err(QmpError::generic(format!(
+                "not yet implemented: {name} (issue 3: the core's control socket)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qmp::Peer;
+    use std::os::fd::AsRawFd;
+
+    fn args(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!("test arguments are objects"),
+        }
+    }
+
+    #[test]
+    fn getfd_stores_named_fds() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let h = GatewayHandler::new(EventBus::new(), tx);
+        let ctx = ClientCtx::new(1, Peer::Unix);
+        let e = h
+            .execute("getfd", args(json!({"fdname": "tap0"})), ctx.clone())
+            .unwrap_err();
+        assert_eq!(e.desc, "No file descriptor supplied via SCM_RIGHTS");
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let raw = r.as_raw_fd();
+        ctx.push_fds(vec![w, r]);
+        assert_eq!(
+            h.execute("getfd", args(json!({"fdname": "tap0"})), ctx.clone())
+                .unwrap(),
+            json!({})
+        );
+        let e = h
+            .execute("getfd", args(json!({"fdname": "0x"})), ctx.clone())
+            .unwrap_err();
+        assert!(e.desc.contains("not starting with a digit"));
+        assert_eq!(h.take_named_fd("tap0").map(|f| f.as_raw_fd()), Some(raw));
+        assert!(h.take_named_fd("tap0").is_none());
+    }
+
+    #[test]
+    fn quit_after_reply_and_vm_commands_refused() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = GatewayHandler::new(EventBus::new(), tx);
+        let ctx = ClientCtx::new(1, Peer::Unix);
+        assert_eq!(
+            h.execute("quit", Map::new(), ctx.clone()).unwrap(),
+            json!({})
+        );
+        assert!(rx.try_recv().is_err(), "nothing before the reply is queued");
+        ctx.run_deferred();
+        assert_eq!(rx.try_recv(), Ok(Shutdown::Quit));
+        let e = h.execute("stop", Map::new(), ctx).unwrap_err();
+        assert_eq!(
+            e.desc,
+            "not yet implemented: stop (issue 3: the core's control socket)"
+        );
+        assert!(h.commands().iter().any(|c| c.name == "blockdev-add"));
+    }
+}
