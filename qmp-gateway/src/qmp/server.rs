@@ -422,9 +422,8 @@ fn admit(mut stream: Stream, peer: Peer, shared: &Arc<Shared>) -> io::Result<()>
             write_loop(writer, rx);
             writer_shared.writers.fetch_sub(1, Ordering::SeqCst);
         })
-        .map_err(|e| {
+        .inspect_err(|_| {
             shared.writers.fetch_sub(1, Ordering::SeqCst);
-            e
         })
         .and_then(|_| {
             let shared = shared.clone();
