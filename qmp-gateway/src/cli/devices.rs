@@ -110,7 +110,7 @@ pub enum TapConfig {
     Fd(i32),
 }
 
-/// `-netdev tap,id=ID,(ifname=NAME|fd=N)[,queues=1]`.
+/// `-netdev tap,id=ID,(ifname=NAME|fd=N|fds=N)[,queues=1]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetdevConfig {
     /// Its id, referenced by `-device ...,netdev=ID`.
@@ -325,7 +325,9 @@ pub fn parse_netdev(text: &str) -> Result<NetdevConfig, CliError> {
             ))
         }
     }
-    kv.check_keys(&["type", "id", "ifname", "fd", "vhost", "vhostfd", "queues"])?;
+    kv.check_keys(&[
+        "type", "id", "ifname", "fd", "fds", "vhost", "vhostfd", "queues",
+    ])?;
     if kv.get_bool("vhost")? == Some(true) || kv.get("vhostfd").is_some() {
         return Err(not_implemented(
             "-netdev vhost=on/vhostfd (kernel vhost-net; flotilla's net backend is the \
@@ -344,7 +346,22 @@ pub fn parse_netdev(text: &str) -> Result<NetdevConfig, CliError> {
         }
         Some(v) => return Err(kv.invalid("queues", v, "expected a queue count").into()),
     }
-    let tap = match (kv.get("ifname"), kv.get("fd")) {
+    // Kata Containers passes its tap as `fds=N` (several `N:M` for multi-queue).
+    let fd = match (kv.get("fd"), kv.get("fds")) {
+        (Some(_), Some(_)) => {
+            return Err(CliError::invalid("netdev", "give fd= or fds=, not both"))
+        }
+        (Some(fd), None) => Some(("fd", fd)),
+        (None, Some(fds)) if fds.contains(':') => {
+            return Err(not_implemented(
+                "-netdev fds=N:M... (multi-queue)".into(),
+                Some(6),
+            ))
+        }
+        (None, Some(fds)) => Some(("fds", fds)),
+        (None, None) => None,
+    };
+    let tap = match (kv.get("ifname"), fd) {
         (Some(name), None) if !name.is_empty() && name.len() < 16 => {
             TapConfig::Ifname(name.to_string())
         }
@@ -353,18 +370,18 @@ pub fn parse_netdev(text: &str) -> Result<NetdevConfig, CliError> {
                 .invalid("ifname", name, "must be 1 to 15 characters")
                 .into())
         }
-        (None, Some(fd)) => match fd.parse::<i32>() {
+        (None, Some((key, fd))) => match fd.parse::<i32>() {
             Ok(n) if n >= 0 => TapConfig::Fd(n),
             _ => {
                 return Err(kv
-                    .invalid("fd", fd, "expected a file descriptor number")
+                    .invalid(key, fd, "expected a file descriptor number")
                     .into())
             }
         },
         _ => {
             return Err(CliError::invalid(
                 "netdev",
-                "exactly one of ifname=NAME and fd=N is required",
+                "exactly one of ifname=NAME and fd=N (or fds=N) is required",
             ))
         }
     };
@@ -580,6 +597,11 @@ mod tests {
                 .tap,
             TapConfig::Fd(5)
         );
+        // Kata Containers' spelling.
+        assert_eq!(
+            parse_netdev("tap,id=eth0,fds=3").unwrap().tap,
+            TapConfig::Fd(3)
+        );
         let bad = [
             ("tap,id=n0", "exactly one of ifname"),
             ("tap,id=n0,ifname=t,fd=3", "exactly one of ifname"),
@@ -589,6 +611,13 @@ mod tests {
                 "1 to 15 characters",
             ),
             ("tap,id=n,fd=x", "file descriptor number"),
+            ("tap,id=n,fds=-1", "file descriptor number"),
+            ("tap,id=n,fd=3,fds=4", "not both"),
+            ("tap,id=n,ifname=t,fds=4", "exactly one of ifname"),
+            (
+                "tap,id=n,fds=3:4",
+                "fds=N:M... (multi-queue): not implemented yet (issue 6)",
+            ),
             ("tap,id=n,ifname=t,vhost=on", "vhost-net"),
             (
                 "tap,id=n,ifname=t,vhostfd=4",

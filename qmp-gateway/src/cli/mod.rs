@@ -184,7 +184,7 @@ StratoVirt-compatible VMM front end (microvm machine).
          [,if=none][,format=raw][,aio=native|io_uring|off]
   -device virtio-blk-device,drive=ID[,id=ID][,serial=S][,iothread=T][,num-queues=N]
   -device virtio-net-device,netdev=ID[,id=ID][,mac=MAC][,iothread=T]
-  -netdev tap,id=ID,ifname=NAME|fd=N
+  -netdev tap,id=ID,ifname=NAME|fd=N|fds=N
   -object iothread,id=ID
   -chardev stdio|pty|file|socket,id=ID[,path=PATH][,host=H,port=N][,server,nowait]
   -mon chardev=ID[,id=ID],mode=control

@@ -398,3 +398,70 @@ fn chardevs_monitors_and_serial() {
         "is given twice",
     );
 }
+
+/// The command line Kata Containers' StratoVirt driver builds
+/// (src/runtime/virtcontainers/stratovirt.go, `createParams` and the device `getParams`).
+const KATA: &[&str] = &[
+    "-name",
+    "sandbox-4f0c",
+    "-uuid",
+    "9a1c1b55-7c1f-4b1e-9d7e-2f4d2c8a1b00",
+    "-smp",
+    "1",
+    "-m",
+    "2048",
+    "-kernel",
+    "/usr/share/kata-containers/vmlinux.container",
+    "-append",
+    "root=/dev/vda1 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4 reboot=k \
+     panic=1 net.ifnames=0 pci=off iommu=off acpi=off quiet 8250.nr_uarts=0",
+    "-qmp",
+    "unix:/run/vc/vm/4f0c/qmp.socket,server,nowait",
+    "-D",
+    "-disable-seccomp",
+    "-machine",
+    "type=microvm,dump-guest-core=off,mem-share=on",
+    "-drive",
+    "id=rootfs,file=/usr/share/kata-containers/kata-containers.img,readonly=on,direct=off",
+    "-device",
+    "virtio-blk-device,drive=rootfs,id=virtio-blk0",
+    "-netdev",
+    "tap,id=eth0,fds=3",
+    "-device",
+    "virtio-net-device,netdev=eth0,id=eth0,mac=02:42:ac:11:00:02",
+];
+
+#[test]
+fn kata_containers_command_line() {
+    let CliAction::Run(c) = parse_args(KATA.iter().copied()).unwrap() else {
+        panic!("run expected")
+    };
+    assert_eq!(c.name.as_deref(), Some("sandbox-4f0c"));
+    assert_eq!((c.vcpus, c.mem_mib), (1, 2048));
+    assert_eq!(c.log, Some(None));
+    assert!(c.disable_seccomp && c.machine.mem_share && !c.machine.dump_guest_core);
+    assert!(c.drives[0].read_only && !c.drives[0].direct);
+    assert_eq!(c.netdevs[0].tap, TapConfig::Fd(3));
+    // Kata always adds a virtio-rng device (and vsock, virtio-fs): refused by name until
+    // flotilla has them.
+    let mut with_rng: Vec<&str> = KATA.to_vec();
+    with_rng.extend([
+        "-object",
+        "rng-random,id=objrng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-device,rng=objrng0,id=virtio-rng0",
+    ]);
+    let e = parse_args(with_rng).unwrap_err();
+    assert!(e.to_string().contains("rng-random"), "{e}");
+    let mut with_vsock: Vec<&str> = KATA.to_vec();
+    with_vsock.extend([
+        "-device",
+        "vhost-vsock-device,id=vsock-id,guest-cid=3,vhostfd=4",
+    ]);
+    let e = parse_args(with_vsock).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("vhost-vsock-device: not implemented yet"),
+        "{e}"
+    );
+}
