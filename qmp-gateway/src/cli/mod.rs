@@ -383,10 +383,7 @@ fn unique<'a>(option: &str, ids: impl Iterator<Item = &'a str>) -> Result<(), Cl
 fn unique_listeners(addrs: &[ListenAddr]) -> Result<(), CliError> {
     for (i, a) in addrs.iter().enumerate() {
         if addrs[..i].contains(a) {
-            return Err(CliError::invalid(
-                "qmp",
-                format!("{a:?} is given twice (-qmp and -mon share one address space)"),
-            ));
+            return Err(CliError::invalid("qmp", format!("{a} is given twice")));
         }
     }
     Ok(())

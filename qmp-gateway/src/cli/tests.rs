@@ -395,7 +395,7 @@ fn chardevs_monitors_and_serial() {
     );
     fails(
         &["-qmp", "unix:/tmp/q.sock,server,nowait"],
-        "is given twice",
+        "unix:/tmp/q.sock is given twice",
     );
 }
 
@@ -452,7 +452,11 @@ fn kata_containers_command_line() {
         "virtio-rng-device,rng=objrng0,id=virtio-rng0",
     ]);
     let e = parse_args(with_rng).unwrap_err();
-    assert!(e.to_string().contains("virtio-rng-device: not implemented yet"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("virtio-rng-device: not implemented yet"),
+        "{e}"
+    );
     let mut with_vsock: Vec<&str> = KATA.to_vec();
     with_vsock.extend([
         "-device",

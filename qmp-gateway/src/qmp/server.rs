@@ -37,6 +37,24 @@ pub enum ListenAddr {
     Tcp(String),
 }
 
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl std::fmt::Display for BoundAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BoundAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            BoundAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
 /// A listener's bound address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BoundAddr {
@@ -315,7 +333,7 @@ pub fn start(
         server.acceptors.push(handle);
     }
     for a in &server.addrs {
-        log::info!("QMP listening on {a:?}");
+        log::info!("QMP listening on {a}");
     }
     Ok(server)
 }
@@ -563,7 +581,7 @@ impl QmpServer {
                     .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).map(drop)),
             };
             if let Err(e) = woke {
-                log::warn!("QMP: cannot wake listener {addr:?}: {e}");
+                log::warn!("QMP: cannot wake listener {addr}: {e}");
             }
         }
         for handle in self.acceptors.drain(..) {
