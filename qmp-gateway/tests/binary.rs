@@ -173,3 +173,33 @@ fn sigterm_ends_the_gateway() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 }
+
+#[test]
+fn monitor_on_a_socket_chardev_and_a_second_qmp() {
+    let dir = temp_dir("mon");
+    let qmp_sock = dir.join("q.sock");
+    let mon_sock = dir.join("mon.sock");
+    let mut child = Command::new(BIN)
+        .args(["-kernel", "/k", "-qmp"])
+        .arg(format!("unix:{},server,nowait", qmp_sock.display()))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=mon0,path={},server,nowait",
+            mon_sock.display()
+        ))
+        .args(["-mon", "chardev=mon0,id=monitor0,mode=control"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla");
+    wait_for("both sockets", || qmp_sock.exists() && mon_sock.exists());
+    let mut a = Client::unix(&qmp_sock);
+    a.negotiate();
+    let mut b = Client::unix(&mon_sock);
+    b.negotiate();
+    b.send(&json!({"execute": "quit"}));
+    assert_eq!(b.recv(), json!({"return": {}}));
+    assert_eq!(a.recv()["event"], "SHUTDOWN");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert!(!qmp_sock.exists() && !mon_sock.exists());
+}
