@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::host::KvmHost;
@@ -119,7 +119,6 @@ impl GuestConfig {
             }
         }
         let command = self.command_line(&images);
-        let started = Instant::now();
         let output = KvmHost::get().run(&command, self.timeout)?;
         Ok(GuestRun {
             vmm: self.vmm,
@@ -127,7 +126,7 @@ impl GuestConfig {
             status: output.status,
             serial_output: clean(&output.stdout),
             stderr: clean(&output.stderr),
-            elapsed: started.elapsed(),
+            elapsed: output.elapsed,
         })
     }
 }
@@ -162,7 +161,7 @@ pub struct GuestRun {
     pub serial_output: String,
     /// The VMM's stderr.
     pub stderr: String,
-    /// Wall time of the run, including the round trip to the KVM host.
+    /// Wall time of the VMM run on the KVM host (plus the agent round trip).
     pub elapsed: Duration,
 }
 

@@ -16,6 +16,9 @@ pub struct Output {
     pub status: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// How long the command itself ran (not counting waiting for the KVM
+    /// host to boot or to finish other tests' commands).
+    pub elapsed: Duration,
 }
 
 impl Output {

@@ -292,6 +292,7 @@ impl L1Vm {
             log: log.to_path_buf(),
         };
         let request = format!("RUN {id} {secs} {}\n", base64(command.as_bytes()));
+        let started = Instant::now();
         if let Err(e) = self.writer.write_all(request.as_bytes()) {
             return Err(agent_err(
                 format!("sending the command: {e}"),
@@ -347,6 +348,7 @@ impl L1Vm {
             status: status as i32,
             stdout,
             stderr,
+            elapsed: started.elapsed(),
         };
         if timed_out != 0 {
             return Err(Error::Timeout {

@@ -102,7 +102,8 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> 
     let mut child = cmd.spawn().context(|| format!("spawning {description}"))?;
     let stdout = child.stdout.take().map(drain);
     let stderr = child.stderr.take().map(drain);
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     let mut timed_out = false;
     let status = loop {
         match child.try_wait() {
@@ -126,6 +127,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> 
         status: exit_code(status),
         stdout: stdout.map(join).unwrap_or_default(),
         stderr: stderr.map(join).unwrap_or_default(),
+        elapsed: started.elapsed(),
     };
     if timed_out {
         return Err(Error::Timeout {

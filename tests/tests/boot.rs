@@ -192,13 +192,17 @@ fn garbage_and_truncated_kernels_are_rejected_with_status_2() {
 #[test]
 fn qemu_reference_boots() {
     let qemu = |scenario: &str, mem: u32, cpus: u32, extra: &str| {
-        boot_guest(Vmm::Qemu, scenario, mem, cpus, extra)
-            .unwrap_or_else(|e| panic!("QEMU scenario {scenario}: {e}"))
+        let run = boot_guest(Vmm::Qemu, scenario, mem, cpus, extra)
+            .unwrap_or_else(|e| panic!("QEMU scenario {scenario}: {e}"));
+        eprintln!(
+            "qemu scenario {scenario}: {:.1}s",
+            run.elapsed.as_secs_f64()
+        );
+        run
     };
 
     let run = qemu("boot", 256, 1, "");
     assert_clean_run(&run);
-    eprintln!("qemu boot scenario: {:.1}s", run.elapsed.as_secs_f64());
 
     let run = qemu("cpus", 256, 2, "");
     assert_clean_run(&run);
