@@ -290,6 +290,14 @@ fn events_fan_out_to_negotiated_clients() {
     let v = b.recv();
     check(&v, "DEVICE_DELETED");
     assert_eq!(v["data"], json!({"device": "d0", "path": "d0"}));
+    // A client that has read its negotiation reply is subscribed: an event emitted right
+    // then reaches it (no wait for the server thread).
+    for _ in 0..50 {
+        let mut fresh = f.unix();
+        fresh.negotiate();
+        f.server.events().emit("RESET", json!({"guest": true}));
+        assert_eq!(fresh.recv()["event"], "RESET");
+    }
     // The unnegotiated client's next message is its reply, not an event.
     let r = quiet.cmd(json!({"execute": "qmp_capabilities"}));
     assert_eq!(r, json!({"return": {}}));

@@ -248,8 +248,19 @@ impl EventBus {
         self.lock().len()
     }
 
-    fn subscribe(&self, id: u64, sub: Subscriber) {
-        self.lock().insert(id, sub);
+    /// Queues `first` (the reply to `qmp_capabilities`) and subscribes the client, both
+    /// under the bus lock, so no event emitted meanwhile is lost or overtakes the reply.
+    /// Returns whether the client is still there.
+    fn subscribe_after(&self, id: u64, sub: Subscriber, first: String) -> bool {
+        let mut subs = self.lock();
+        // The queue holds at most a few replies at this point; full means the client is
+        // not reading at all.
+        if sub.tx.try_send(first).is_err() {
+            sub.stream.shutdown();
+            return false;
+        }
+        subs.insert(id, sub);
+        true
     }
 
     fn unsubscribe(&self, id: u64) {
@@ -518,23 +529,30 @@ fn serve_client(mut stream: Stream, ctx: ClientCtx, tx: SyncSender<String>, shar
                     None,
                 ),
             };
-            let sent = tx.send(reply).is_ok();
-            ctx.run_deferred();
-            if !sent {
-                open = false;
-                break;
-            }
-            if !was_negotiated && session.negotiated() {
+            let sent = if !was_negotiated && session.negotiated() {
+                // Negotiation succeeded: from here on the client gets events, and the first
+                // one must come after this reply.
                 match stream.try_clone() {
-                    Ok(s) => shared.events.subscribe(
+                    Ok(s) => shared.events.subscribe_after(
                         id,
                         Subscriber {
                             tx: tx.clone(),
                             stream: s,
                         },
+                        reply,
                     ),
-                    Err(e) => log::warn!("QMP client {id}: no events: {e}"),
+                    Err(e) => {
+                        log::warn!("QMP client {id}: no events: {e}");
+                        tx.send(reply).is_ok()
+                    }
                 }
+            } else {
+                tx.send(reply).is_ok()
+            };
+            ctx.run_deferred();
+            if !sent {
+                open = false;
+                break;
             }
         }
     }
