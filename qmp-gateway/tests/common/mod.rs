@@ -18,8 +18,23 @@ use qmp_gateway::qmp::{
 };
 use serde_json::{json, Map, Value};
 
-/// A fresh directory for sockets (unix socket paths must stay short).
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A fresh directory for sockets (unix socket paths must stay short), removed on drop.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TempDir {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "qmpgw-{tag}-{}-{}",
@@ -28,7 +43,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+    TempDir(dir)
 }
 
 /// Either kind of stream, read line by line.
@@ -218,6 +233,7 @@ pub struct Fixture {
     pub server: QmpServer,
     pub handler: Arc<FakeHandler>,
     pub path: PathBuf,
+    _dir: TempDir,
 }
 
 pub fn serve(config: ServerConfig) -> Fixture {
@@ -239,6 +255,7 @@ pub fn serve(config: ServerConfig) -> Fixture {
         server,
         handler,
         path,
+        _dir: dir,
     }
 }
 
