@@ -12,7 +12,7 @@
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// The QEMU version the greeting claims. Clients such as the QEMU Python library and Kata
@@ -219,7 +219,7 @@ pub fn reply_line(result: &Result<Value, QmpError>, id: Option<&Value>) -> Strin
 }
 
 /// When an event happened, as QMP reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timestamp {
     /// Seconds since the Unix epoch.
     pub seconds: u64,
@@ -240,15 +240,21 @@ impl Timestamp {
     }
 }
 
-/// An asynchronous event.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// An asynchronous event. Deserializable too, so events the core sends up the control socket
+/// can be passed on with their original timestamps ([`crate::qmp::EventBus::send`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Event name, e.g. `STOP`, `DEVICE_DELETED`.
     pub event: String,
     /// Event data; `{}` when the event carries none.
+    #[serde(default = "empty_object")]
     pub data: Value,
     /// When it happened.
     pub timestamp: Timestamp,
+}
+
+fn empty_object() -> Value {
+    json!({})
 }
 
 impl Event {
@@ -366,6 +372,13 @@ mod tests {
         assert_eq!(v["data"], json!({}));
         assert!(v["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
         assert!(v["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
+        let back: Event = serde_json::from_str(&ev.to_line()).unwrap();
+        assert_eq!(back, ev);
+        let bare: Event = serde_json::from_str(
+            r#"{"event":"RESUME","timestamp":{"seconds":1,"microseconds":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(bare.data, json!({}));
         let g: Value = serde_json::from_str(&greeting_line(&package_name())).unwrap();
         assert_eq!(g["QMP"]["version"]["qemu"]["major"], 5);
         assert_eq!(g["QMP"]["capabilities"], json!([]));
