@@ -74,8 +74,12 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
         (e.to_string(), code)
     })?;
     log::warn!(
-        "VM '{}' is not started: the core is wired in with issue 3; serving QMP only",
-        config.name.as_deref().unwrap_or("")
+        "serving QMP only: the VM{} is not started until the core is wired in (issue 3)",
+        config
+            .name
+            .as_deref()
+            .map(|n| format!(" '{n}'"))
+            .unwrap_or_default()
     );
 
     let reason = shutdown_rx.recv().unwrap_or(Shutdown::Signal(0));
