@@ -14,9 +14,11 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
 use crate::exit::VmExit;
+use crate::vhost_user::{blk, memory::MemoryTable};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
 use crate::vstate::vm::{IrqchipSnapshot, Vm, VmError};
+use std::os::unix::net::UnixStream;
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,14 @@ pub enum BuildError {
     /// vCPUs.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A vhost-user backend could not be set up.
+    #[error("device '{id}': {reason}")]
+    Backend {
+        /// Device id.
+        id: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] std::io::Error),
@@ -256,6 +266,29 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
 
     let mut devices = DeviceManager::new();
     devices.add_legacy_devices(vm.fd(), serial_out, exit_tx.clone())?;
+    let table = MemoryTable::new(&ram);
+    for disk in &config.vhost_user_blk {
+        let mut device = blk::vhost_user_blk(&disk.id, disk.num_queues, &ram.memory, &table)
+            .map_err(|e| BuildError::Backend {
+                id: disk.id.clone(),
+                reason: e.to_string(),
+            })?;
+        let stream = UnixStream::connect(&disk.socket).map_err(|e| BuildError::Backend {
+            id: disk.id.clone(),
+            reason: format!("cannot connect to '{}': {e}", disk.socket.display()),
+        })?;
+        device.attach(stream).map_err(|e| BuildError::Backend {
+            id: disk.id.clone(),
+            reason: e.to_string(),
+        })?;
+        let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(device))?;
+        log::info!(
+            "{}: vhost-user block at {:#x}, IRQ {}",
+            disk.id,
+            info.base,
+            info.irq
+        );
+    }
     let entry = load_guest(config, &mut images, &ram, &devices)?;
 
     let vcpus = (0..config.vcpus)
@@ -318,6 +351,7 @@ mod tests {
             mmio_cmdline: false,
             log: None,
             control_fd: None,
+            vhost_user_blk: Vec::new(),
         }
     }
 

@@ -49,6 +49,92 @@ pub struct VmConfig {
     pub log: Option<Option<PathBuf>>,
     /// `-control-fd N`: an inherited, connected unix socket to the `flotilla` gateway.
     pub control_fd: Option<i32>,
+    /// vhost-user block devices, in slot order.
+    pub vhost_user_blk: Vec<VhostUserBlkConfig>,
+}
+
+/// `-chardev socket,id=C,path=P -device vhost-user-blk-device,id=D,chardev=C[,num-queues=N]`:
+/// a disk served by a vhost-user backend listening on `socket`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostUserBlkConfig {
+    /// Device id.
+    pub id: String,
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// Queues the device offers.
+    pub num_queues: u16,
+}
+
+/// Most queues a vhost-user block device may have.
+pub const MAX_BLK_QUEUES: u16 = 16;
+
+/// Joins `-chardev socket,...` and `-device vhost-user-blk-device,...` options.
+fn parse_vhost_user_blk(opts: &ParsedOptions) -> Result<Vec<VhostUserBlkConfig>, OptionError> {
+    let mut chardevs = Vec::new();
+    for text in opts.values("chardev") {
+        let kv = KeyValues::parse("chardev", text, Some("backend"))?;
+        kv.check_keys(&["backend", "id", "path"])?;
+        if kv.get("backend") != Some("socket") {
+            return Err(kv.invalid(
+                "backend",
+                kv.get("backend").unwrap_or_default(),
+                "only socket is supported",
+            ));
+        }
+        let id = kv
+            .get("id")
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| kv.invalid("id", "", "required"))?;
+        let path = kv
+            .get("path")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| kv.invalid("path", "", "required"))?;
+        if chardevs.iter().any(|(c, _): &(String, PathBuf)| c == id) {
+            return Err(kv.invalid("id", id, "duplicate chardev id"));
+        }
+        chardevs.push((id.to_string(), PathBuf::from(path)));
+    }
+    let mut devices: Vec<VhostUserBlkConfig> = Vec::new();
+    for text in opts.values("device") {
+        let kv = KeyValues::parse("device", text, Some("driver"))?;
+        kv.check_keys(&["driver", "id", "chardev", "num-queues"])?;
+        match kv.get("driver") {
+            Some("vhost-user-blk-device") => {}
+            other => {
+                return Err(kv.invalid(
+                    "driver",
+                    other.unwrap_or_default(),
+                    "only vhost-user-blk-device is supported",
+                ))
+            }
+        }
+        let id = kv
+            .get("id")
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| kv.invalid("id", "", "required"))?;
+        if devices.iter().any(|d| d.id == id) {
+            return Err(kv.invalid("id", id, "duplicate device id"));
+        }
+        let chardev = kv.get("chardev").unwrap_or_default();
+        let socket = chardevs
+            .iter()
+            .find(|(c, _)| c == chardev)
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| kv.invalid("chardev", chardev, "no -chardev with this id"))?;
+        let num_queues = match kv.get("num-queues") {
+            None => 1,
+            Some(n) => match n.parse::<u16>() {
+                Ok(q) if (1..=MAX_BLK_QUEUES).contains(&q) => q,
+                _ => return Err(kv.invalid("num-queues", n, "must be between 1 and 16")),
+            },
+        };
+        devices.push(VhostUserBlkConfig {
+            id: id.to_string(),
+            socket,
+            num_queues,
+        });
+    }
+    Ok(devices)
 }
 
 /// The options `flotilla-vmm` accepts on its own command line.
@@ -63,6 +149,8 @@ pub const VMM_OPTIONS: &[OptionSpec] = &[
     OptionSpec::value("machine"),
     OptionSpec::optional("D"),
     OptionSpec::value("control-fd"),
+    OptionSpec::repeated("chardev"),
+    OptionSpec::repeated("device"),
     OptionSpec::flag("help"),
     OptionSpec::flag("h"),
     OptionSpec::flag("version"),
@@ -97,6 +185,7 @@ impl VmConfig {
             mmio_cmdline,
             log: opts.has("D").then(|| opts.value("D").map(PathBuf::from)),
             control_fd: opts.value("control-fd").map(parse_fd).transpose()?,
+            vhost_user_blk: parse_vhost_user_blk(opts)?,
         })
     }
 }
@@ -219,6 +308,68 @@ mod tests {
         assert!(c.mmio_cmdline);
         assert_eq!(c.log, Some(None));
         assert_eq!(c.cmdline, "console=ttyS0");
+    }
+
+    #[test]
+    fn vhost_user_blk_devices() {
+        let c = config(&[
+            "-kernel",
+            "k",
+            "-chardev",
+            "socket,id=c0,path=/run/b0.sock",
+            "-device",
+            "vhost-user-blk-device,id=disk0,chardev=c0,num-queues=2",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.vhost_user_blk,
+            vec![VhostUserBlkConfig {
+                id: "disk0".into(),
+                socket: "/run/b0.sock".into(),
+                num_queues: 2
+            }]
+        );
+        for bad in [
+            &["-device", "vhost-user-blk-device,id=d,chardev=missing"][..],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-device",
+                "virtio-blk-device,id=d,chardev=c",
+            ],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-device",
+                "vhost-user-blk-device,id=d,chardev=c,num-queues=0",
+            ],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-device",
+                "vhost-user-blk-device,id=d,chardev=c,bogus=1",
+            ],
+            &["-chardev", "file,id=c,path=/s"],
+            &["-chardev", "socket,id=c"],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-chardev",
+                "socket,id=c,path=/t",
+            ],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-device",
+                "vhost-user-blk-device,id=d,chardev=c",
+                "-device",
+                "vhost-user-blk-device,id=d,chardev=c",
+            ],
+        ] {
+            let mut args = vec!["-kernel", "k"];
+            args.extend_from_slice(bad);
+            assert!(config(&args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::{mpsc::Sender, Arc, Mutex};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::*;
@@ -33,6 +33,14 @@ pub enum DeviceError {
     Irqfd {
         /// The IRQ.
         irq: u32,
+        /// Underlying error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused an ioeventfd.
+    #[error("cannot register the queue-notify ioeventfd of the device at {addr:#x}: {source}")]
+    Ioeventfd {
+        /// Window base.
+        addr: u64,
         /// Underlying error.
         source: kvm_ioctls::Error,
     },
@@ -146,6 +154,16 @@ impl DeviceManager {
             irq,
         };
         let interrupt = Arc::new(VirtioInterrupt::new(Self::irqfd(vm, irq)?));
+        let mut device = device;
+        device.set_interrupt(interrupt.clone());
+        let notify = IoEventAddress::Mmio(info.base + crate::transport::mmio::reg::QUEUE_NOTIFY);
+        for (queue, evt) in device.queue_events().iter().enumerate() {
+            vm.register_ioevent(evt, &notify, queue as u32)
+                .map_err(|source| DeviceError::Ioeventfd {
+                    addr: info.base,
+                    source,
+                })?;
+        }
         let transport = Arc::new(Mutex::new(MmioTransport::new(device, interrupt)));
         let shared: SharedDevice = transport.clone();
         self.mmio.insert(info.base, info.len, shared)?;

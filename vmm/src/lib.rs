@@ -16,4 +16,5 @@ pub mod logger;
 pub mod options;
 pub mod terminal;
 pub mod transport;
+pub mod vhost_user;
 pub mod vstate;

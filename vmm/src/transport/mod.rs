@@ -79,11 +79,20 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// A queue notification that did not go through an ioeventfd.
     fn queue_notify(&mut self, _queue: u16) {}
+    /// Eventfds to register as ioeventfds on the notify register, one per queue (matched on
+    /// the queue index), so guest kicks bypass the core. Empty: notifications go through
+    /// [`queue_notify`](Self::queue_notify).
+    fn queue_events(&self) -> &[EventFd] {
+        &[]
+    }
+    /// Tells the device which interrupt is its own, before the guest sees it.
+    fn set_interrupt(&mut self, _interrupt: std::sync::Arc<VirtioInterrupt>) {}
 }
 
 /// A device's interrupt: the status bits the guest reads plus the irqfd that raises the line.
 pub struct VirtioInterrupt {
     status: AtomicU32,
+    external_vrings: std::sync::atomic::AtomicBool,
     config_generation: AtomicU32,
     irq: EventFd,
 }
@@ -93,6 +102,7 @@ impl VirtioInterrupt {
     pub fn new(irq: EventFd) -> Self {
         VirtioInterrupt {
             status: AtomicU32::new(0),
+            external_vrings: std::sync::atomic::AtomicBool::new(false),
             config_generation: AtomicU32::new(0),
             irq,
         }
@@ -119,7 +129,19 @@ impl VirtioInterrupt {
 
     /// Current interrupt status bits.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        let vring = if self.external_vrings.load(Ordering::SeqCst) {
+            INT_VRING
+        } else {
+            0
+        };
+        self.status.load(Ordering::SeqCst) | vring
+    }
+
+    /// For devices whose backend raises the irqfd itself (vhost-user): the core cannot set
+    /// the "used ring" status bit when that happens, so it always reports it, and the guest
+    /// driver checks its rings on every interrupt (a ring without new entries costs a read).
+    pub fn set_external_vrings(&self, on: bool) {
+        self.external_vrings.store(on, Ordering::SeqCst);
     }
 
     /// The guest acknowledged `bits`.
