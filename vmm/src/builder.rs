@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use crate::acpi::{self, AcpiError};
 use crate::arch::boot::{self, BootError, BootImage};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{BackendSocket, SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
 use crate::exit::VmExit;
@@ -18,6 +18,7 @@ use crate::vhost_user::{blk, memory::MemoryTable};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
 use crate::vstate::vm::{IrqchipSnapshot, Vm, VmError};
+use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 
 /// Errors building the VM.
@@ -254,6 +255,29 @@ fn load_guest(
     Ok(kernel.entry)
 }
 
+/// Connects to (or takes over) a vhost-user backend's socket.
+fn backend_stream(socket: &BackendSocket) -> Result<UnixStream, String> {
+    match socket {
+        BackendSocket::Path(path) => UnixStream::connect(path)
+            .map_err(|e| format!("cannot connect to '{}': {e}", path.display())),
+        BackendSocket::Fd(fd) => {
+            let fd = *fd;
+            // SAFETY: fstat only writes into the buffer it is given; a bad fd fails with EBADF.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: valid pointer to a stat buffer owned by this frame.
+            if unsafe { libc::fstat(fd, &mut st) } != 0
+                || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+            {
+                return Err(format!("fd {fd} is not an open socket"));
+            }
+            // SAFETY: the fd was inherited for this device alone; nothing else owns it.
+            Ok(UnixStream::from(unsafe {
+                std::os::fd::OwnedFd::from_raw_fd(fd)
+            }))
+        }
+    }
+}
+
 /// Builds and starts a microvm.
 pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let mut images = GuestImages::open(config)?;
@@ -273,9 +297,9 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
                 id: disk.id.clone(),
                 reason: e.to_string(),
             })?;
-        let stream = UnixStream::connect(&disk.socket).map_err(|e| BuildError::Backend {
+        let stream = backend_stream(&disk.socket).map_err(|reason| BuildError::Backend {
             id: disk.id.clone(),
-            reason: format!("cannot connect to '{}': {e}", disk.socket.display()),
+            reason,
         })?;
         device.attach(stream).map_err(|e| BuildError::Backend {
             id: disk.id.clone(),

@@ -59,10 +59,19 @@ pub struct VmConfig {
 pub struct VhostUserBlkConfig {
     /// Device id.
     pub id: String,
-    /// The backend's socket.
-    pub socket: PathBuf,
+    /// Where the backend is.
+    pub socket: BackendSocket,
     /// Queues the device offers.
     pub num_queues: u16,
+}
+
+/// How to reach a vhost-user backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSocket {
+    /// Connect to a listening unix socket (`path=`).
+    Path(PathBuf),
+    /// An inherited, already connected socket (`fd=`), as the `flotilla` gateway passes it.
+    Fd(i32),
 }
 
 /// Most queues a vhost-user block device may have.
@@ -73,7 +82,7 @@ fn parse_vhost_user_blk(opts: &ParsedOptions) -> Result<Vec<VhostUserBlkConfig>,
     let mut chardevs = Vec::new();
     for text in opts.values("chardev") {
         let kv = KeyValues::parse("chardev", text, Some("backend"))?;
-        kv.check_keys(&["backend", "id", "path"])?;
+        kv.check_keys(&["backend", "id", "path", "fd"])?;
         if kv.get("backend") != Some("socket") {
             return Err(kv.invalid(
                 "backend",
@@ -85,14 +94,24 @@ fn parse_vhost_user_blk(opts: &ParsedOptions) -> Result<Vec<VhostUserBlkConfig>,
             .get("id")
             .filter(|i| !i.is_empty())
             .ok_or_else(|| kv.invalid("id", "", "required"))?;
-        let path = kv
-            .get("path")
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| kv.invalid("path", "", "required"))?;
-        if chardevs.iter().any(|(c, _): &(String, PathBuf)| c == id) {
+        let socket =
+            match (kv.get("path"), kv.get("fd")) {
+                (Some(p), None) if !p.is_empty() => BackendSocket::Path(PathBuf::from(p)),
+                (None, Some(fd)) => BackendSocket::Fd(parse_fd(fd).map_err(|_| {
+                    kv.invalid("fd", fd, "expected an inherited descriptor above 2")
+                })?),
+                _ => {
+                    let path = kv.get("path").unwrap_or_default();
+                    return Err(kv.invalid("path", path, "give exactly one of path= and fd="));
+                }
+            };
+        if chardevs
+            .iter()
+            .any(|(c, _): &(String, BackendSocket)| c == id)
+        {
             return Err(kv.invalid("id", id, "duplicate chardev id"));
         }
-        chardevs.push((id.to_string(), PathBuf::from(path)));
+        chardevs.push((id.to_string(), socket));
     }
     let mut devices: Vec<VhostUserBlkConfig> = Vec::new();
     for text in opts.values("device") {
@@ -325,10 +344,20 @@ mod tests {
             c.vhost_user_blk,
             vec![VhostUserBlkConfig {
                 id: "disk0".into(),
-                socket: "/run/b0.sock".into(),
+                socket: BackendSocket::Path("/run/b0.sock".into()),
                 num_queues: 2
             }]
         );
+        let c = config(&[
+            "-kernel",
+            "k",
+            "-chardev",
+            "socket,id=c,fd=5",
+            "-device",
+            "vhost-user-blk-device,id=d,chardev=c",
+        ])
+        .unwrap();
+        assert_eq!(c.vhost_user_blk[0].socket, BackendSocket::Fd(5));
         for bad in [
             &["-device", "vhost-user-blk-device,id=d,chardev=missing"][..],
             &[
@@ -351,6 +380,10 @@ mod tests {
             ],
             &["-chardev", "file,id=c,path=/s"],
             &["-chardev", "socket,id=c"],
+            &["-chardev", "socket,id=c,path=/s,fd=5"],
+            &["-chardev", "socket,id=c,fd=1"],
+            &["-chardev", "socket,id=c,path=/s,fd=5"],
+            &["-chardev", "socket,id=c,fd=1"],
             &[
                 "-chardev",
                 "socket,id=c,path=/s",
