@@ -24,13 +24,28 @@ pub enum Shutdown {
     Quit,
     /// SIGTERM or SIGINT.
     Signal(i32),
+    /// The core exited with this status (128 + N when killed by signal N).
+    CoreExited(i32),
 }
+
+/// Commands the core executes; the gateway forwards them untouched.
+pub const CORE_COMMANDS: &[&str] = &[
+    "stop",
+    "cont",
+    "query-status",
+    "system_reset",
+    "system_powerdown",
+    "query-cpus",
+    "query-hotpluggable-cpus",
+    "quit",
+];
 
 /// Most fds `getfd` keeps at once.
 pub const MAX_NAMED_FDS: usize = 256;
 
 /// The gateway's [`CommandHandler`].
 pub struct GatewayHandler {
+    core: Option<std::sync::Arc<crate::core_link::CoreLink>>,
     events: EventBus,
     shutdown: Mutex<Sender<Shutdown>>,
     named_fds: Mutex<HashMap<String, OwnedFd>>,
@@ -40,9 +55,22 @@ impl GatewayHandler {
     /// A handler emitting events on `events` and reporting `quit` on `shutdown`.
     pub fn new(events: EventBus, shutdown: Sender<Shutdown>) -> Self {
         GatewayHandler {
+            core: None,
             events,
             shutdown: Mutex::new(shutdown),
             named_fds: Mutex::default(),
+        }
+    }
+
+    /// A handler that forwards VM commands to the core over `core`.
+    pub fn with_core(
+        events: EventBus,
+        shutdown: Sender<Shutdown>,
+        core: std::sync::Arc<crate::core_link::CoreLink>,
+    ) -> Self {
+        GatewayHandler {
+            core: Some(core),
+            ..Self::new(events, shutdown)
         }
     }
 
@@ -111,6 +139,11 @@ impl CommandHandler for GatewayHandler {
         args: Map<String, Value>,
         client: ClientCtx,
     ) -> Result<Value, QmpError> {
+        if let Some(core) = self.core.as_ref().filter(|_| CORE_COMMANDS.contains(&name)) {
+            // `quit` too: the core answers, emits SHUTDOWN and exits, and the gateway follows
+            // it out with its status.
+            return core.request(name, args, |queued| client.defer(queued));
+        }
         match name {
             "getfd" => self.getfd(&args, &client),
             "quit" => self.quit(&client),

@@ -5,5 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod core_link;
 pub mod gateway;
 pub mod qmp;
+pub mod supervisor;

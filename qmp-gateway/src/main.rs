@@ -1,8 +1,10 @@
-//! `flotilla`: the StratoVirt-compatible front end. Parses the command line, serves QMP and
-//! stops on `quit` or SIGTERM/SIGINT. Starting the core and the backends comes with issue 3.
+//! `flotilla`: the StratoVirt-compatible front end. Parses the command line, starts one
+//! `flotilla-blk` per disk and the `flotilla-vmm` core, serves QMP (forwarding VM commands to
+//! the core and its events to every client), and ends with the core.
 //!
-//! Exit status: 0 after `quit` or a signal, 2 for a bad command line or an unusable QMP
-//! address (one line on stderr), 1 for other failures.
+//! Exit status: the core's (0 after `quit` or a guest power-off), 0 after SIGTERM/SIGINT, 2 for
+//! a bad command line, an unreadable image or an unusable QMP address (one line on stderr), 1
+//! for other failures.
 
 use std::process::ExitCode;
 use std::sync::mpsc::{channel, Sender};
@@ -10,9 +12,12 @@ use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 use qmp_gateway::cli::{self, CliAction, CliError, GatewayConfig, USAGE};
+use qmp_gateway::core_link::CoreLink;
 use qmp_gateway::gateway::{GatewayHandler, Shutdown};
 use qmp_gateway::qmp::{self, EventBus, ServerConfig, ServerError};
+use qmp_gateway::supervisor::launch_vm;
 use serde_json::json;
+use std::os::unix::process::ExitStatusExt;
 
 fn main() -> ExitCode {
     let config = match cli::parse_args(std::env::args().skip(1)) {
@@ -59,39 +64,93 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
     spawn_signal_thread(signals, shutdown_tx.clone())?;
 
     let events = EventBus::new();
-    let handler = Arc::new(GatewayHandler::new(events.clone(), shutdown_tx));
-    let server = qmp::start(
+    let vm = launch_vm(config).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let core_link = CoreLink::start(vm.control, events.clone())
+        .map_err(|e| (format!("cannot serve the control socket: {e}"), 1))?;
+    let core_pid = vm.core.id();
+    watch_core(vm.core, shutdown_tx.clone())?;
+    reap_backends(vm.backends);
+    let handler = Arc::new(GatewayHandler::with_core(
+        events.clone(),
+        shutdown_tx,
+        core_link,
+    ));
+    let server = match qmp::start(
         &config.qmp,
         handler,
         events.clone(),
         ServerConfig::default(),
-    )
-    .map_err(|e| {
-        let code = match e {
-            ServerError::Thread(_) => 1,
-            _ => 2,
-        };
-        (e.to_string(), code)
-    })?;
-    log::warn!(
-        "serving QMP only: the VM{} is not started until the core is wired in (issue 3)",
-        config
-            .name
-            .as_deref()
-            .map(|n| format!(" '{n}'"))
-            .unwrap_or_default()
-    );
+    ) {
+        Ok(server) => server,
+        Err(e) => {
+            // SAFETY: kill with a pid we spawned and have not reaped yet.
+            unsafe { libc::kill(core_pid as libc::pid_t, libc::SIGKILL) };
+            let code = match e {
+                ServerError::Thread(_) => 1,
+                _ => 2,
+            };
+            return Err((e.to_string(), code));
+        }
+    };
 
-    let reason = shutdown_rx.recv().unwrap_or(Shutdown::Signal(0));
-    if let Shutdown::Signal(sig) = reason {
-        events.emit("SHUTDOWN", json!({"guest": false, "reason": "host-signal"}));
-        log::info!("signal {sig}: shutting down");
-    } else {
-        log::info!("quit: shutting down");
-    }
+    let status = match shutdown_rx.recv().unwrap_or(Shutdown::Signal(0)) {
+        Shutdown::Signal(sig) => {
+            log::info!("signal {sig}: shutting down");
+            // SAFETY: as above; the core may already be gone, which is harmless.
+            unsafe { libc::kill(core_pid as libc::pid_t, libc::SIGKILL) };
+            events.emit("SHUTDOWN", json!({"guest": false, "reason": "host-signal"}));
+            0
+        }
+        Shutdown::CoreExited(status) => {
+            log::info!("the core exited with status {status}");
+            status
+        }
+        // Only sent by the handler when there is no core.
+        Shutdown::Quit => 0,
+    };
     server.shutdown();
     log::logger().flush();
+    if status != 0 {
+        return Err((
+            format!("the VM core exited with status {status}"),
+            u8::try_from(status).unwrap_or(1),
+        ));
+    }
     Ok(())
+}
+
+/// Waits for the core on its own thread; its exit ends the gateway with its status.
+fn watch_core(mut core: std::process::Child, tx: Sender<Shutdown>) -> Result<(), (String, u8)> {
+    std::thread::Builder::new()
+        .name("core-watch".into())
+        .spawn(move || {
+            let status = match core.wait() {
+                Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+                Err(e) => {
+                    log::error!("waiting for the core failed: {e}");
+                    1
+                }
+            };
+            let _ = tx.send(Shutdown::CoreExited(status));
+        })
+        .map(drop)
+        .map_err(|e| (format!("cannot start the core watcher: {e}"), 1))
+}
+
+/// Reaps backends as they exit (they end when the core closes their socket), so none is
+/// left a zombie. Restarting them comes with the supervision issue.
+fn reap_backends(backends: Vec<(String, std::process::Child)>) {
+    for (id, mut child) in backends {
+        let spawned = std::thread::Builder::new()
+            .name(format!("reap-{id}"))
+            .spawn(move || match child.wait() {
+                Ok(status) => log::info!("backend '{id}' (pid {}) exited: {status}", child.id()),
+                Err(e) => log::error!("waiting for backend '{id}': {e}"),
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot watch a backend: {e}");
+        }
+    }
 }
 
 fn termination_signals() -> SigSet {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{temp_dir, wait_for, Client};
+use common::{spin_kernel, temp_dir, wait_for, Client};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
@@ -69,9 +69,13 @@ fn help_and_version() {
         .starts_with(&format!("flotilla {}", env!("CARGO_PKG_VERSION"))));
 }
 
+/// The gateway with a real core running a spin-loop guest.
 fn spawn(sock: &Path) -> Child {
+    let kernel = spin_kernel(sock.parent().expect("socket directory"));
     let child = Command::new(BIN)
-        .args(["-kernel", "/nonexistent/vmlinuz", "-name", "t", "-qmp"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .args(["-name", "t", "-smp", "2", "-qmp"])
         .arg(format!("unix:{},server,nowait", sock.display()))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -104,13 +108,22 @@ fn qmp_session_and_quit() {
     c.negotiate();
     let r = c.cmd(json!({"execute": "query-version"}));
     assert_eq!(r["return"]["qemu"]["major"], 5);
+    // VM commands reach the core and its events come back with QMP timestamps.
     let r = c.cmd(json!({"execute": "query-status", "id": "s"}));
-    assert_eq!(r["error"]["class"], "GenericError");
-    assert_eq!(
-        r["error"]["desc"],
-        "not yet implemented: query-status (issue 3: the core's control socket)"
-    );
+    assert_eq!(r["return"]["status"], "running", "{r}");
     assert_eq!(r["id"], "s");
+    c.send(&json!({"execute": "stop"}));
+    let ev = c.recv();
+    assert_eq!(ev["event"], "STOP", "{ev}");
+    assert!(ev["timestamp"]["seconds"].as_u64().unwrap_or(0) > 0, "{ev}");
+    assert_eq!(c.recv(), json!({"return": {}}));
+    let r = c.cmd(json!({"execute": "query-status"}));
+    assert_eq!(r["return"]["status"], "paused");
+    c.send(&json!({"execute": "cont"}));
+    assert_eq!(c.recv()["event"], "RESUME");
+    assert_eq!(c.recv(), json!({"return": {}}));
+    let r = c.cmd(json!({"execute": "query-cpus"}));
+    assert_eq!(r["return"].as_array().map(Vec::len), Some(2), "{r}");
     let r = c.cmd(json!({"execute": "balloon", "arguments": {"value": "1G"}}));
     assert_eq!(
         r["error"]["desc"],
@@ -179,8 +192,11 @@ fn monitor_on_a_socket_chardev_and_a_second_qmp() {
     let dir = temp_dir("mon");
     let qmp_sock = dir.join("q.sock");
     let mon_sock = dir.join("mon.sock");
+    let kernel = spin_kernel(&dir);
     let mut child = Command::new(BIN)
-        .args(["-kernel", "/k", "-qmp"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-qmp")
         .arg(format!("unix:{},server,nowait", qmp_sock.display()))
         .arg("-chardev")
         .arg(format!(
@@ -202,4 +218,72 @@ fn monitor_on_a_socket_chardev_and_a_second_qmp() {
     assert_eq!(a.recv()["event"], "SHUTDOWN");
     assert_eq!(wait_exit(&mut child).code(), Some(0));
     assert!(!qmp_sock.exists() && !mon_sock.exists());
+}
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet: it runs no more code).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Err(_) => true,
+        Ok(status) => status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z')),
+    }
+}
+
+/// The thread-group id of a thread: the core's pid from a vCPU thread id.
+fn tgid(tid: i64) -> i32 {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).expect("thread status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Tgid line")
+}
+
+/// A SIGKILLed gateway takes the core and every backend with it (PR_SET_PDEATHSIG): nothing
+/// is left running.
+#[test]
+fn killing_the_gateway_leaves_nothing_behind() {
+    let dir = temp_dir("kill");
+    let sock = dir.join("q.sock");
+    let kernel = spin_kernel(&dir);
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create image");
+    let mut child = Command::new(BIN)
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-drive")
+        .arg(format!("id=d0,file={},if=none", image.display()))
+        .args(["-device", "virtio-blk-device,drive=d0,id=disk0", "-qmp"])
+        .arg(format!("unix:{},server,nowait", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla");
+    wait_for("the QMP socket", || sock.exists());
+    let mut c = Client::unix(&sock);
+    c.negotiate();
+    let r = c.cmd(json!({"execute": "query-cpus"}));
+    let core = tgid(
+        r["return"][0]["thread_id"]
+            .as_i64()
+            .expect("a vCPU thread id"),
+    );
+    // The disk's backend is the core's sibling: a child of the gateway.
+    let children =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+            .unwrap_or_default();
+    let pids: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(pids.contains(&core), "core {core} among {pids:?}");
+    assert_eq!(pids.len(), 2, "core and one flotilla-blk: {pids:?}");
+    child.kill().expect("SIGKILL the gateway");
+    child.wait().expect("reap the gateway");
+    for pid in pids {
+        wait_for("the gateway's children to die", || process_gone(pid));
+    }
 }

@@ -177,7 +177,8 @@ fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Val
             if !args.is_empty() {
                 return no_args(Value::Null);
             }
-            vm.quit();
+            // The VM ends only once this reply is on the wire (see `spawn`): a client must see
+            // the reply to `quit` before the SHUTDOWN event.
             json!({ "return": {} })
         }
         "system_powerdown" => {
@@ -281,6 +282,13 @@ fn read_bounded_line(reader: &mut impl BufRead) -> std::io::Result<Option<Result
     Ok(Some(Ok(String::from_utf8_lossy(&buf).trim().to_string())))
 }
 
+fn is_quit(line: &str) -> bool {
+    serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v.get("execute").cloned())
+        == Some(json!("quit"))
+}
+
 /// Serves the control socket on its own thread. When the gateway closes the socket the VM
 /// ends: the core must not outlive the process that supervises it.
 pub fn spawn(
@@ -295,10 +303,15 @@ pub fn spawn(
         .spawn(move || {
             let mut reader = BufReader::new(stream);
             loop {
+                let mut quit = false;
                 let reply = match read_bounded_line(&mut reader) {
                     Ok(None) => break,
                     Ok(Some(Ok(line))) if line.is_empty() => continue,
-                    Ok(Some(Ok(line))) => handle_line(&*vm, &replies, &line),
+                    Ok(Some(Ok(line))) => {
+                        let reply = handle_line(&*vm, &replies, &line);
+                        quit = reply.get("return").is_some() && is_quit(&line);
+                        reply
+                    }
                     Ok(Some(Err(len))) => error(
                         "GenericError",
                         format!("line of {len} bytes exceeds {MAX_LINE}"),
@@ -311,6 +324,10 @@ pub fn spawn(
                 if let Err(e) = replies.send(&reply) {
                     log::error!("control: write failed: {e}");
                     break;
+                }
+                if quit {
+                    vm.quit();
+                    return;
                 }
             }
             log::warn!("control: connection closed");
@@ -410,8 +427,15 @@ mod tests {
             next(&mut events),
             json!({"event":"RESET","data":{"guest":true}})
         );
-        handle_line(&vm, &tx, r#"{"execute":"quit"}"#);
-        assert_eq!(vm.quits.load(Ordering::SeqCst), 111);
+        assert_eq!(
+            handle_line(&vm, &tx, r#"{"execute":"quit"}"#),
+            json!({"return":{}})
+        );
+        assert_eq!(
+            vm.quits.load(Ordering::SeqCst),
+            110,
+            "quit happens after the reply is sent"
+        );
     }
 
     #[test]
