@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""The VM lifecycle over QMP, as an orchestrator drives it, against a real guest.
+
+Starts `flotilla` (StratoVirt command line) with QMP on a unix socket and on TCP, then:
+stop -> query-status paused -> cont -> (second client over TCP) -> system_reset -> the guest
+boots again -> system_powerdown -> the guest shuts down through the ACPI power button ->
+SHUTDOWN event -> flotilla exits 0. Plain sockets and JSON, no QMP library: this is what
+`ncat -U` users see. Prints LIFECYCLE-OK on success; any failure raises.
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+class Qmp:
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+        self.events = []
+        greeting = self.recv()
+        assert greeting["QMP"]["version"]["qemu"]["major"] >= 5, greeting
+        assert self.cmd("qmp_capabilities") == {}, "negotiation"
+
+    def recv(self, timeout=60):
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QMP connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            m = self.recv()
+            if "event" in m:
+                assert "seconds" in m["timestamp"], m
+                self.events.append(m)
+            elif "error" in m:
+                raise RuntimeError(f"{name}: {m['error']}")
+            else:
+                return m["return"]
+
+    def event(self, name, timeout=300):
+        deadline = time.time() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name:
+                    return self.events.pop(i)
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError(f"no {name} event")
+            m = self.recv(timeout=left)
+            if "event" in m:
+                self.events.append(m)
+
+
+def wait_for(what, cond, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--flotilla", required=True)
+    p.add_argument("--kernel", required=True)
+    p.add_argument("--initrd", required=True)
+    a = p.parse_args()
+
+    run = f"/tmp/flotilla-lifecycle-{os.getpid()}"
+    os.makedirs(run, exist_ok=True)
+    qmp_path, serial = f"{run}/qmp.sock", f"{run}/serial.log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=powerbutton"
+    vm = subprocess.Popen(
+        [a.flotilla, "-name", "lifecycle", "-kernel", a.kernel, "-initrd", a.initrd,
+         "-append", append, "-m", "256", "-smp", "2", "-serial", f"file:{serial}",
+         "-qmp", f"unix:{qmp_path},server,nowait", "-qmp", f"tcp:127.0.0.1:{port},server,nowait"],
+        stdin=subprocess.DEVNULL)
+    try:
+        wait_for("the QMP socket", lambda: os.path.exists(qmp_path), 30)
+        unix = socket.socket(socket.AF_UNIX)
+        unix.connect(qmp_path)
+        q = Qmp(unix)
+        log = lambda: open(serial, errors="replace").read() if os.path.exists(serial) else ""
+        wait_for("the guest to arm its power button", lambda: "powerbutton=armed" in log())
+        print("guest booted", flush=True)
+
+        assert q.cmd("stop") == {}
+        q.event("STOP")
+        assert q.cmd("query-status")["status"] == "paused"
+        assert q.cmd("cont") == {}
+        q.event("RESUME")
+        assert q.cmd("query-status") == {"running": True, "singlestep": False, "status": "running"}
+        cpus = q.cmd("query-cpus")
+        assert [c["CPU"] for c in cpus] == [0, 1] and all(c["thread_id"] > 0 for c in cpus), cpus
+
+        tcp = Qmp(socket.create_connection(("127.0.0.1", port)))
+        assert tcp.cmd("query-status")["status"] == "running"
+        print("stop/cont/query-status/query-cpus ok on unix and tcp", flush=True)
+
+        assert q.cmd("system_reset") == {}
+        e = q.event("RESET")
+        assert e["data"] == {"guest": True}, e
+        wait_for("the guest to boot again", lambda: log().count("powerbutton=armed") >= 2)
+        print("system_reset: guest booted again", flush=True)
+
+        assert q.cmd("system_powerdown") == {}
+        q.event("POWERDOWN")
+        e = q.event("SHUTDOWN")
+        assert e["data"] == {"guest": True, "reason": "guest-shutdown"}, e
+        assert tcp.event("SHUTDOWN")["data"]["guest"] is True
+        assert "powerbutton=pressed" in log(), log()
+        status = vm.wait(timeout=30)
+        assert status == 0, f"flotilla exited with {status}"
+        print("LIFECYCLE-OK", flush=True)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        if os.path.exists(serial):
+            sys.stderr.write("--- guest serial ---\n" + open(serial, errors="replace").read())
+
+
+if __name__ == "__main__":
+    main()
