@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::qmp::schema::STRATOVIRT_COMMANDS;
 use crate::qmp::{ClientCtx, CommandHandler, CommandSpec, EventBus, QmpError};
+use vmm::trace;
 
 /// Why the gateway should stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +38,7 @@ pub const CORE_COMMANDS: &[&str] = &[
     "system_powerdown",
     "query-cpus",
     "query-hotpluggable-cpus",
+    "query-mem-gpa",
     "quit",
 ];
 
@@ -108,6 +110,43 @@ impl GatewayHandler {
         Ok(json!({}))
     }
 
+    /// Trace points live in both processes: the gateway's are switched here, the core's in
+    /// the core, and `trace-get-state` lists both.
+    fn trace_state(
+        &self,
+        name: &str,
+        args: Map<String, Value>,
+        client: &ClientCtx,
+    ) -> Result<Value, QmpError> {
+        let pattern = args
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let ours = if name == "trace-set-state" {
+            let on = args.get("enable").and_then(Value::as_bool).unwrap_or(false);
+            trace::set_state(trace::GATEWAY_POINTS, &pattern, on);
+            json!({})
+        } else {
+            let list: Vec<Value> = trace::states(trace::GATEWAY_POINTS, &pattern)
+                .into_iter()
+                .map(|(n, on)| json!({"name": n, "state": if on { "enabled" } else { "disabled" }}))
+                .collect();
+            Value::Array(list)
+        };
+        let Some(core) = &self.core else {
+            return Ok(ours);
+        };
+        let theirs = core.request(name, args, |queued| client.defer(queued))?;
+        Ok(match (ours, theirs) {
+            (Value::Array(mut a), Value::Array(b)) => {
+                a.extend(b);
+                Value::Array(a)
+            }
+            (ours, _) => ours,
+        })
+    }
+
     fn quit(&self, client: &ClientCtx) -> Result<Value, QmpError> {
         let events = self.events.clone();
         let shutdown = self
@@ -139,6 +178,10 @@ impl CommandHandler for GatewayHandler {
         args: Map<String, Value>,
         client: ClientCtx,
     ) -> Result<Value, QmpError> {
+        vmm::trace_event!(trace::QMP_COMMAND, "client {} {name}", client.id());
+        if name == "trace-get-state" || name == "trace-set-state" {
+            return self.trace_state(name, args, &client);
+        }
         if let Some(core) = self.core.as_ref().filter(|_| CORE_COMMANDS.contains(&name)) {
             // `quit` too: the core answers, emits SHUTDOWN and exits, and the gateway follows
             // it out with its status.

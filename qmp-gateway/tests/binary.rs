@@ -124,6 +124,28 @@ fn qmp_session_and_quit() {
     assert_eq!(c.recv(), json!({"return": {}}));
     let r = c.cmd(json!({"execute": "query-cpus"}));
     assert_eq!(r["return"].as_array().map(Vec::len), Some(2), "{r}");
+    // The spin loop's two bytes (EB FE) sit at the kernel load address.
+    let r = c.cmd(json!({"execute": "query-mem-gpa", "arguments": {"gpa": "100000"}}));
+    assert!(
+        r["return"].as_str().is_some_and(|v| v.ends_with("FEEB")),
+        "{r}"
+    );
+    // Trace points of both processes, switched at run time.
+    let r =
+        c.cmd(json!({"execute": "trace-set-state", "arguments": {"name": "*", "enable": true}}));
+    assert_eq!(r["return"], json!({}), "{r}");
+    let r = c.cmd(json!({"execute": "trace-get-state", "arguments": {"name": "*"}}));
+    let names: Vec<&str> = r["return"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    for want in ["qmp_command", "vcpu_exit", "vhost_user_message"] {
+        assert!(names.contains(&want), "{want} in {r}");
+    }
+    assert!(r["return"]
+        .as_array()
+        .is_some_and(|l| l.iter().all(|t| t["state"] == "enabled")));
+    c.cmd(json!({"execute": "trace-set-state", "arguments": {"name": "*", "enable": false}}));
     let r = c.cmd(json!({"execute": "balloon", "arguments": {"value": "1G"}}));
     assert_eq!(
         r["error"]["desc"],

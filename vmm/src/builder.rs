@@ -149,6 +149,16 @@ impl VmHandle {
         }
     }
 
+    /// Reads the 64-bit value at guest-physical address `gpa`.
+    pub fn read_gpa(&self, gpa: u64) -> Result<u64, String> {
+        use vm_memory::Bytes;
+        self.reset
+            .ram
+            .memory
+            .read_obj::<u64>(vm_memory::GuestAddress(gpa))
+            .map_err(|_| format!("address {gpa:#x} is outside guest memory"))
+    }
+
     /// Presses the ACPI power button (the guest decides what to do about it).
     pub fn powerdown(&self) -> Result<(), String> {
         let ged = self

@@ -13,6 +13,8 @@ use serde_json::{json, Map, Value};
 
 use crate::builder::VmHandle;
 use crate::exit::VmExit;
+use crate::trace;
+use crate::trace_event;
 
 /// Longest control line accepted; anything longer is answered with an error and skipped.
 pub const MAX_LINE: usize = 1 << 20;
@@ -33,6 +35,8 @@ pub trait VmControl: Send + Sync {
     fn powerdown(&self) -> Result<(), String>;
     /// Reboots the machine in place (QMP `system_reset`).
     fn reset(&self) -> Result<(), String>;
+    /// Reads the 64-bit value at a guest-physical address (QMP `query-mem-gpa`).
+    fn read_gpa(&self, gpa: u64) -> Result<u64, String>;
 }
 
 impl VmControl for VmHandle {
@@ -56,6 +60,9 @@ impl VmControl for VmHandle {
     }
     fn reset(&self) -> Result<(), String> {
         VmHandle::reset(self)
+    }
+    fn read_gpa(&self, gpa: u64) -> Result<u64, String> {
+        VmHandle::read_gpa(self, gpa)
     }
 }
 
@@ -120,6 +127,7 @@ fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Val
     let Some(command) = request.get("execute").and_then(Value::as_str) else {
         return error("GenericError", "missing 'execute' (a command name string)");
     };
+    trace_event!(trace::CONTROL_COMMAND, "{command}");
     let args = match request.get("arguments") {
         None => Map::new(),
         Some(Value::Object(a)) => a.clone(),
@@ -207,6 +215,51 @@ fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Val
                 }
                 Err(e) => error("GenericError", e),
             }
+        }
+        "query-mem-gpa" => {
+            let Some(text) = args.get("gpa").and_then(Value::as_str) else {
+                return error(
+                    "GenericError",
+                    "Invalid parameter type for 'gpa', expected: string",
+                );
+            };
+            let digits = text.strip_prefix("0x").unwrap_or(text);
+            match u64::from_str_radix(digits, 16) {
+                Ok(gpa) => match vm.read_gpa(gpa) {
+                    Ok(value) => json!({ "return": format!("{value:X}") }),
+                    Err(e) => error("GenericError", e),
+                },
+                Err(_) => error(
+                    "GenericError",
+                    format!("'{text}' is not a hexadecimal address"),
+                ),
+            }
+        }
+        "trace-get-state" => {
+            let Some(pattern) = args.get("name").and_then(Value::as_str) else {
+                return error(
+                    "GenericError",
+                    "Invalid parameter type for 'name', expected: string",
+                );
+            };
+            let list: Vec<Value> = trace::states(trace::CORE_POINTS, pattern)
+                .into_iter()
+                .map(|(name, on)| json!({ "name": name, "state": if on { "enabled" } else { "disabled" } }))
+                .collect();
+            json!({ "return": list })
+        }
+        "trace-set-state" => {
+            let (Some(pattern), Some(on)) = (
+                args.get("name").and_then(Value::as_str),
+                args.get("enable").and_then(Value::as_bool),
+            ) else {
+                return error(
+                    "GenericError",
+                    "trace-set-state needs 'name' (string) and 'enable' (bool)",
+                );
+            };
+            trace::set_state(trace::CORE_POINTS, pattern, on);
+            json!({ "return": {} })
         }
         "query-cpus" => no_args(json!({ "return": query_cpus(vm) })),
         "query-hotpluggable-cpus" => no_args(json!({ "return": hotpluggable_cpus(vm) })),
@@ -376,6 +429,12 @@ mod tests {
             self.quits.fetch_add(100, Ordering::SeqCst);
             Ok(())
         }
+        fn read_gpa(&self, gpa: u64) -> Result<u64, String> {
+            match gpa {
+                0x1000 => Ok(0xb900_0001),
+                _ => Err(format!("{gpa:#x} is outside guest memory")),
+            }
+        }
     }
 
     fn channel() -> (ControlSender, BufReader<UnixStream>) {
@@ -436,6 +495,51 @@ mod tests {
             110,
             "quit happens after the reply is sent"
         );
+    }
+
+    #[test]
+    fn mem_gpa_and_trace_state() {
+        let vm = FakeVm::default();
+        let (tx, _events) = channel();
+        let r = handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"query-mem-gpa","arguments":{"gpa":"1000"}}"#,
+        );
+        assert_eq!(r, json!({"return": "B9000001"}));
+        let r = handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"query-mem-gpa","arguments":{"gpa":"zz"}}"#,
+        );
+        assert_eq!(r["error"]["class"], "GenericError");
+        let r = handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"query-mem-gpa","arguments":{"gpa":"ffffffffff"}}"#,
+        );
+        assert!(r["error"]["desc"].as_str().unwrap().contains("outside"));
+        let r = handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"trace-set-state","arguments":{"name":"vhost_*","enable":true}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"trace-get-state","arguments":{"name":"v*"}}"#,
+        );
+        assert_eq!(
+            r["return"],
+            json!([{"name": "vcpu_exit", "state": "disabled"}, {"name": "vhost_user_message", "state": "enabled"}])
+        );
+        handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"trace-set-state","arguments":{"name":"*","enable":false}}"#,
+        );
+        assert!(!trace::VHOST_USER_MESSAGE.enabled());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod exit;
 pub mod logger;
 pub mod options;
 pub mod terminal;
+pub mod trace;
 pub mod transport;
 pub mod vhost_user;
 pub mod vstate;

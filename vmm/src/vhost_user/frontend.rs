@@ -17,6 +17,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::memory::MemoryTable;
+use crate::trace::VHOST_USER_MESSAGE;
+use crate::trace_event;
 use crate::transport::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use crate::vstate::memory::GuestMemory;
 
@@ -55,7 +57,10 @@ pub enum FrontendError {
     EventFd(#[source] std::io::Error),
 }
 
+/// Maps a failed request to an error. Also the request's trace point: it is evaluated right
+/// after the request went out (`conn.x().map_err(req("X"))`).
 fn req(request: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
+    trace_event!(VHOST_USER_MESSAGE, "{request}");
     move |source| FrontendError::Request { request, source }
 }
 

@@ -17,6 +17,8 @@ use vm_memory::GuestAddress;
 use crate::arch::{cpuid, interrupts, regs};
 use crate::device_manager::DeviceManager;
 use crate::exit::VmExit;
+use crate::trace::VCPU_EXIT;
+use crate::trace_event;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::Vm;
 
@@ -351,6 +353,7 @@ impl Vcpu {
 
     /// Runs the guest until something ends the VM.
     fn run(mut self, devices: &DeviceManager, run_state: &VcpuRunState) -> VmExit {
+        let index = self.index;
         let mut generation = run_state.park_if_paused();
         loop {
             let now = run_state.park_if_paused();
@@ -361,10 +364,22 @@ impl Vcpu {
                 }
             }
             match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => devices.pio.read(u64::from(port), data),
-                Ok(VcpuExit::IoOut(port, data)) => devices.pio.write(u64::from(port), data),
-                Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio.read(addr, data),
-                Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio.write(addr, data),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    devices.pio.read(u64::from(port), data);
+                    trace_event!(VCPU_EXIT, "vcpu{index} io-in {port:#x} -> {data:02x?}");
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    trace_event!(VCPU_EXIT, "vcpu{index} io-out {port:#x} <- {data:02x?}");
+                    devices.pio.write(u64::from(port), data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    devices.mmio.read(addr, data);
+                    trace_event!(VCPU_EXIT, "vcpu{index} mmio-read {addr:#x} -> {data:02x?}");
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    trace_event!(VCPU_EXIT, "vcpu{index} mmio-write {addr:#x} <- {data:02x?}");
+                    devices.mmio.write(addr, data);
+                }
                 // With the in-kernel LAPIC, HLT is handled in KVM; seeing it here is harmless.
                 Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
                 // A triple fault. Linux resets through the i8042 or the ACPI reset register,
