@@ -141,3 +141,48 @@ fn qemu_python_library_legacy_client_with_fd_passing() {
     let f = serve(unlimited());
     python(LEGACY_CLIENT, &f.path, "LEGACY-OK");
 }
+
+const REAL_VM_CLIENT: &str = r#"
+import asyncio, sys
+from qemu.qmp import QMPClient
+
+async def main(path):
+    qmp = QMPClient('flotilla-test')
+    await qmp.connect(path)
+    r = await qmp.execute('query-status')
+    assert r == {'running': True, 'singlestep': False, 'status': 'running'}, r
+    with qmp.listener() as listener:
+        await qmp.execute('stop')
+        ev = await asyncio.wait_for(listener.get(), 10)
+    assert ev['event'] == 'STOP', ev
+    r = await qmp.execute('query-status')
+    assert r['status'] == 'paused', r
+    with qmp.listener() as listener:
+        await qmp.execute('quit')
+        ev = await asyncio.wait_for(listener.get(), 10)
+    assert ev['event'] == 'SHUTDOWN' and ev['data']['reason'] == 'host-qmp-quit', ev
+    await qmp.disconnect()
+    print('REAL-VM-OK')
+
+asyncio.run(main(sys.argv[1]))
+"#;
+
+/// The library against the real `flotilla` with a running core (a spin-loop guest, which any
+/// /dev/kvm runs): query-status, stop with its STOP event, quit with SHUTDOWN.
+#[test]
+fn qemu_python_library_drives_the_real_gateway() {
+    let dir = common::temp_dir("pyreal");
+    let sock = dir.join("q.sock");
+    let kernel = common::spin_kernel(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-qmp")
+        .arg(format!("unix:{},server,nowait", sock.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn flotilla");
+    common::wait_for("the QMP socket", || sock.exists());
+    python(REAL_VM_CLIENT, &sock, "REAL-VM-OK");
+    assert_eq!(child.wait().expect("wait for flotilla").code(), Some(0));
+}
