@@ -6,8 +6,12 @@
 #                                      + tests/guest/scenarios/*.sh
 #   tests/cache/l1/vmlinuz            Debian generic kernel (has 9p, kvm-amd)
 #   tests/cache/l1/initramfs.img      busybox-static + 9p/overlay/kvm modules + tests/l1/init
+#   tests/cache/rootfs/root.ext4      (target rootfs only, not in all) a 32 MiB ext4 root:
+#                                      busybox-static, tests/guest/rootfs-init as /sbin/init,
+#                                      the scenarios, /etc/flotilla-rootfs-id (also in
+#                                      tests/cache/rootfs/id); needs mkfs.ext4 (e2fsprogs)
 #
-# Usage: tests/guest/build.sh [all|guest|l1]     (default: all)
+# Usage: tests/guest/build.sh [all|guest|l1|rootfs]     (default: all)
 #
 # Idempotent: a stamp file records the hash of every input (this script, the
 # init scripts, the scenarios, the chosen .deb files); when it matches and the
@@ -28,7 +32,7 @@ WHAT="${1:-all}"
 log() { echo "build.sh: $*" >&2; }
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
-case "$WHAT" in all|guest|l1) ;; *) die "unknown target '$WHAT' (all|guest|l1)";; esac
+case "$WHAT" in all|guest|l1|rootfs) ;; *) die "unknown target '$WHAT' (all|guest|l1|rootfs)";; esac
 for tool in dpkg-deb cpio gzip sha256sum apt-get apt-cache flock; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
@@ -209,4 +213,37 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = l1 ]; then
     build_image l1 '^linux-image-6\.1\.0-[0-9]+-amd64$' "${FLOTILLA_L1_KERNEL_PKG:-}" \
         "$TESTS/l1/init" "$L1_MODULES" "$TESTS/l1/flotilla-agent"
+fi
+
+# The ext4 root file system for root=/dev/vda boots (the initramfs init
+# switch_roots into it). No kernel modules: the initramfs loaded them.
+build_rootfs() {
+    local out="$CACHE/rootfs" want mkfs stage applet
+    want="$(inputs_hash "$HERE/rootfs-init" "$HERE"/scenarios/*.sh <(basename "$BUSYBOX_DEB"))"
+    if [ -e "$out/root.ext4" ] && [ "$(cat "$out/.stamp" 2>/dev/null)" = "$want" ]; then
+        log "rootfs image up to date"
+        return 0
+    fi
+    mkfs="$(PATH="$PATH:/sbin:/usr/sbin" command -v mkfs.ext4 || true)"
+    [ -n "$mkfs" ] || die "mkfs.ext4 not found (apt-get install e2fsprogs)"
+    log "building rootfs image"
+    stage="$CACHE/stage-rootfs"
+    rm -rf "$stage" && mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,tmp,run,mnt,scenarios} "$out"
+    cp "$BUSYBOX_ROOT/bin/busybox" "$stage/bin/busybox"
+    for applet in $("$stage/bin/busybox" --list); do
+        [ "$applet" = busybox ] || [ "$applet" = init ] || ln -sf busybox "$stage/bin/$applet"
+    done
+    install -m 755 "$HERE/rootfs-init" "$stage/sbin/init"
+    install -m 755 "$HERE"/scenarios/*.sh "$stage/scenarios/"
+    echo "${want:0:16}" >"$stage/etc/flotilla-rootfs-id"
+    rm -f "$out/root.ext4.tmp"
+    "$mkfs" -q -F -t ext4 -L flotilla-root -d "$stage" "$out/root.ext4.tmp" 32M >&2
+    mv "$out/root.ext4.tmp" "$out/root.ext4"
+    cp "$stage/etc/flotilla-rootfs-id" "$out/id"
+    rm -rf "$stage"
+    echo "$want" >"$out/.stamp"
+    log "rootfs: $out/root.ext4 (id $(cat "$out/id"))"
+}
+if [ "$WHAT" = rootfs ]; then
+    build_rootfs
 fi

@@ -70,6 +70,42 @@ pub fn l1_images() -> Result<Images> {
     checked(Images::in_cache("l1"))
 }
 
+/// The ext4 root file system image for `root=/dev/vda` boots
+/// (`tests/guest/build.sh rootfs`) and the id its init prints
+/// (`FLOTILLA-ROOTFS-INIT id=...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootFs {
+    pub image: PathBuf,
+    pub id: String,
+}
+
+/// Builds (once per process, idempotently) and returns the ext4 root image.
+pub fn rootfs_image() -> Result<RootFs> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build("rootfs").map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|msg| Error::ImageBuild {
+            status: "earlier in this process".into(),
+            stderr: msg,
+        })?;
+    let dir = paths::cache_dir().join("rootfs");
+    let image = dir.join("root.ext4");
+    if !image.is_file() {
+        return Err(Error::Missing {
+            what: "rootfs image",
+            path: image,
+            hint: " (tests/guest/build.sh rootfs did not produce it)",
+        });
+    }
+    let id_path = dir.join("id");
+    let id = std::fs::read_to_string(&id_path)
+        .context(|| format!("reading {}", id_path.display()))?
+        .trim()
+        .to_string();
+    Ok(RootFs { image, id })
+}
+
 fn checked(images: Images) -> Result<Images> {
     for (what, path) in [("kernel", &images.kernel), ("initramfs", &images.initramfs)] {
         if !path.is_file() {

@@ -14,6 +14,8 @@
 //! - [`guest`]: boots a test guest under flotilla-vmm or QEMU and parses its
 //!   serial output, so tests read like the scenario they check.
 
+pub mod blk;
+pub mod elf;
 pub mod error;
 pub mod guest;
 pub mod host;
@@ -25,7 +27,7 @@ pub mod process;
 pub use error::{Error, Result};
 pub use guest::{boot_guest, GuestConfig, GuestRun, Vmm, GUEST_TIMEOUT};
 pub use host::{KvmHost, Output};
-pub use images::{extend_initramfs, guest_images, l1_images, Images};
+pub use images::{extend_initramfs, guest_images, l1_images, rootfs_image, Images, RootFs};
 
 /// Quotes `s` for a POSIX shell command line (single quotes, `'` escaped).
 ///
