@@ -5,10 +5,10 @@
 
 use std::io::Write;
 use std::process::Command;
-use std::time::Duration;
 
+use flotilla_tests::blk::{Disk, DiskTest};
 use flotilla_tests::guest::scratch_dir;
-use flotilla_tests::{guest_images, paths, shell_quote, GuestConfig, GuestRun, KvmHost, Vmm};
+use flotilla_tests::{shell_quote, GuestConfig, Vmm};
 
 /// 1 MiB of pseudo-random bytes (xorshift; no RNG crate needed) followed by a sparse tail.
 fn make_image(path: &std::path::Path) {
@@ -48,37 +48,21 @@ fn guest_reads_and_writes_a_flotilla_blk_disk() {
     make_image(&image);
     let expected_md5 = md5_of_first_mib(&image);
 
-    let images = guest_images().expect("guest images");
-    let id = std::process::id();
-    // The KVM host may see the host's files read-only (nested L1): work on a copy in /tmp.
-    let disk = format!("/tmp/flotilla-vu-disk-{id}.img");
-    let sock = format!("/tmp/flotilla-vu-{id}.sock");
-    let mut guest = GuestConfig::new(Vmm::Flotilla, "vda");
-    guest.extra_args = vec![
-        format!("-chardev socket,id=c0,path={sock}"),
-        "-device vhost-user-blk-device,id=disk0,chardev=c0".to_string(),
-    ];
-    let vmm = guest.command_line(&images);
-    let blk = shell_quote(&paths::profile_dir().join("flotilla-blk").to_string_lossy());
-    let script = format!(
-        "cp {src} {disk} && rm -f {sock} && ({blk} --socket-path {sock} --image {disk} 2>/tmp/flotilla-vu-blk-{id}.log &) \
-         && for i in $(seq 300); do [ -S {sock} ] && break; sleep 0.1; done; \
-         {vmm}; status=$?; \
-         echo FLOTILLA-RESULT host_marker=$(dd if={disk} bs=512 skip=8 count=1 2>/dev/null | head -c 16); \
-         rm -f {disk} {sock}; exit $status",
-        src = shell_quote(&image.to_string_lossy()),
-    );
-    let out = KvmHost::get()
-        .run(&script, Duration::from_secs(240))
-        .expect("run on the KVM host");
-    let run = GuestRun {
-        vmm: Vmm::Flotilla,
-        command: vmm,
-        status: out.status,
-        serial_output: out.stdout_str().replace('\r', ""),
-        stderr: out.stderr_str(),
-        elapsed: out.elapsed,
-    };
+    // The KVM host may see the host's files read-only (nested L1): the disk
+    // is a copy in the run's work directory there.
+    let mut t = DiskTest::new(GuestConfig::new(Vmm::Flotilla, "vda"));
+    let disk = t.path("disk.img");
+    t.setup(&format!(
+        "cp {} {disk}",
+        shell_quote(&image.to_string_lossy())
+    ));
+    t.disks.push(Disk::flotilla(&disk));
+    t.after(&format!(
+        "echo FLOTILLA-RESULT host_marker=$(dd if={disk} bs=512 skip=8 count=1 2>/dev/null | head -c 16)"
+    ));
+    let run = t
+        .run()
+        .unwrap_or_else(|e| panic!("running the guest on the KVM host: {e}"));
     assert!(run.saw_init(), "guest init never ran\n{run}");
     assert_eq!(
         run.result("vda_sectors"),
@@ -97,5 +81,10 @@ fn guest_reads_and_writes_a_flotilla_blk_disk() {
         "write reached the image\n{run}"
     );
     assert_eq!(run.status, 0, "VMM exit status\n{run}");
+    assert_eq!(
+        run.result("backend0_exit"),
+        Some("0"),
+        "flotilla-blk exits when the VMM disconnects\n{run}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
