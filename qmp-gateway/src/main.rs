@@ -52,6 +52,12 @@ fn fail(msg: &str, code: u8) -> ExitCode {
 }
 
 fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
+    // Before any thread exists: fork is only sound in a single-threaded process.
+    let ready = if config.daemonize {
+        Some(daemonize()?)
+    } else {
+        None
+    };
     vmm::logger::init(config.log.as_ref().map(|f| f.as_deref()))
         .map_err(|e| (format!("cannot open the log file: {e}"), 2))?;
     let (shutdown_tx, shutdown_rx) = channel();
@@ -92,6 +98,17 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
             return Err((e.to_string(), code));
         }
     };
+    if let Some(path) = &config.pidfile {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+            (
+                format!("cannot write the pid file '{}': {e}", path.display()),
+                2,
+            )
+        })?;
+    }
+    if let Some(ready) = ready {
+        detach(ready);
+    }
 
     let status = match shutdown_rx.recv().unwrap_or(Shutdown::Signal(0)) {
         Shutdown::Signal(sig) => {
@@ -109,6 +126,9 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
         Shutdown::Quit => 0,
     };
     server.shutdown();
+    if let Some(path) = &config.pidfile {
+        let _ = std::fs::remove_file(path);
+    }
     log::logger().flush();
     if status != 0 {
         return Err((
@@ -150,6 +170,59 @@ fn reap_backends(backends: Vec<(String, std::process::Child)>) {
         if let Err(e) = spawned {
             log::error!("cannot watch a backend: {e}");
         }
+    }
+}
+
+/// `-daemonize`: forks; the parent waits until the child serves QMP (a byte on a pipe from
+/// [`detach`]) and exits 0 — or 1 if the child failed first (its errors go to the `-D` log).
+/// The child leaves the terminal's session and points its standard streams at /dev/null.
+fn daemonize() -> Result<std::os::fd::OwnedFd, (String, u8)> {
+    use nix::unistd::{fork, setsid, ForkResult};
+    let (read_end, write_end) =
+        nix::unistd::pipe().map_err(|e| (format!("cannot create a pipe: {e}"), 1))?;
+    // SAFETY: called first thing in `run`, while the process has a single thread.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { .. }) => {
+            drop(write_end);
+            let mut byte = [0u8; 1];
+            let ready =
+                nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&read_end), &mut byte) == Ok(1);
+            if !ready {
+                eprintln!("flotilla: the daemon exited before serving QMP (run without -daemonize, or with -D FILE, to see why)");
+            }
+            std::process::exit(if ready { 0 } else { 1 });
+        }
+        Ok(ForkResult::Child) => {
+            drop(read_end);
+            setsid().map_err(|e| (format!("setsid failed: {e}"), 1))?;
+            // The VM's processes inherit these: none may hold the caller's terminal or pipes.
+            redirect_to_null(&[libc::STDIN_FILENO, libc::STDOUT_FILENO, libc::STDERR_FILENO]);
+            Ok(write_end)
+        }
+        Err(e) => Err((format!("cannot fork: {e}"), 1)),
+    }
+}
+
+/// Tells the waiting parent that the daemon is up.
+fn detach(ready: std::os::fd::OwnedFd) {
+    if let Err(e) = nix::unistd::write(&ready, b"1") {
+        log::warn!("cannot tell the parent the daemon is ready: {e}");
+    }
+}
+
+fn redirect_to_null(fds: &[libc::c_int]) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        Ok(null) => {
+            for &fd in fds {
+                // SAFETY: dup2 onto a standard descriptor we own; `null` stays open meanwhile.
+                unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+            }
+        }
+        Err(e) => log::warn!("cannot open /dev/null: {e}"),
     }
 }
 

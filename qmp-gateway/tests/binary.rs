@@ -40,7 +40,7 @@ fn command_line_errors_exit_2_with_one_line() {
             "-incoming",
             "file:/t",
         ],
-        "-incoming: not implemented yet (issue 3)",
+        "-incoming: not implemented yet",
     );
     usage_error(
         &[
@@ -308,4 +308,46 @@ fn killing_the_gateway_leaves_nothing_behind() {
     for pid in pids {
         wait_for("the gateway's children to die", || process_gone(pid));
     }
+}
+
+/// `-daemonize -pidfile`: the command returns once QMP is served, the pid file names the
+/// daemon, and `quit` ends it and removes the pid file.
+#[test]
+fn daemonize_with_pidfile() {
+    let dir = temp_dir("daemon");
+    let sock = dir.join("q.sock");
+    let pidfile = dir.join("vm.pid");
+    let kernel = spin_kernel(&dir);
+    let out = Command::new(BIN)
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-daemonize")
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .arg("-qmp")
+        .arg(format!("unix:{},server,nowait", sock.display()))
+        .output()
+        .expect("run flotilla -daemonize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(sock.exists(), "QMP is served when the command returns");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(!process_gone(pid), "the daemon runs");
+    let mut c = Client::unix(&sock);
+    c.negotiate();
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["status"],
+        "running"
+    );
+    c.send(&json!({"execute": "quit"}));
+    assert_eq!(c.recv(), json!({"return": {}}));
+    wait_for("the daemon to exit", || process_gone(pid));
+    wait_for("the pid file to go", || !pidfile.exists());
 }

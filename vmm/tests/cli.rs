@@ -55,42 +55,13 @@ fn help_and_version() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("flotilla-vmm "));
 }
 
-/// A minimal ELF64 "kernel" whose entry point is `code`, loaded at 1 MiB.
+/// A tiny ELF "kernel" running `code` (see `flotilla_tests::elf`), in a file of its own.
 fn elf_kernel(code: &[u8]) -> std::path::PathBuf {
-    const LOAD: u64 = 0x10_0000;
-    let mut elf = Vec::new();
-    let code_off = 64 + 56;
-    // ELF header.
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    // One PT_LOAD program header.
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [
-        code_off as u64,
-        LOAD,
-        LOAD,
-        code.len() as u64,
-        code.len() as u64,
-        0x1000,
-    ] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    elf.extend_from_slice(code);
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let path = std::env::temp_dir().join(format!("flotilla-cli-elf-{}-{n}", std::process::id()));
-    std::fs::write(&path, elf).expect("write test kernel");
-    path
+    let name = format!("flotilla-cli-elf-{}-{n}", std::process::id());
+    flotilla_tests::elf::write_tiny_kernel(&std::env::temp_dir(), &name, code)
+        .expect("write test kernel")
 }
 
 /// A guest that crashes before any exception handler exists (ud2 with an empty IDT) triple

@@ -125,6 +125,10 @@ pub struct GatewayConfig {
     pub log: Option<Option<PathBuf>>,
     /// `-disable-seccomp`.
     pub disable_seccomp: bool,
+    /// `-daemonize`: detach once QMP is being served.
+    pub daemonize: bool,
+    /// `-pidfile`: where to write the gateway's pid.
+    pub pidfile: Option<PathBuf>,
 }
 
 /// What the command line asks for.
@@ -195,7 +199,7 @@ StratoVirt-compatible VMM front end (microvm machine).
   -disable-seccomp           no seccomp filters
   -help, -version
 
-Not implemented yet (refused): -incoming, -mem-path, -daemonize, -pidfile, machine q35,
+Not implemented yet (refused): -incoming, -mem-path, machine q35,
 format=qcow2, PCI/balloon/rng/vsock/console devices, vhost-net.";
 
 /// Parses the arguments after the program name.
@@ -226,12 +230,7 @@ impl GatewayConfig {
     pub fn from_options(opts: &ParsedOptions) -> Result<Self, CliError> {
         // Valid StratoVirt that we do not do yet, before anything else: the message should
         // name the real obstacle.
-        for (option, issue) in [
-            ("incoming", Some(3)),
-            ("mem-path", None),
-            ("daemonize", Some(3)),
-            ("pidfile", Some(3)),
-        ] {
+        for (option, issue) in [("incoming", None), ("mem-path", None)] {
             if opts.has(option) {
                 return Err(not_implemented(&format!("-{option}"), issue));
             }
@@ -355,6 +354,20 @@ impl GatewayConfig {
             serial,
             log: opts.has("D").then(|| opts.value("D").map(PathBuf::from)),
             disable_seccomp: opts.has("disable-seccomp"),
+            daemonize: opts.has("daemonize"),
+            pidfile: opts.value("pidfile").map(PathBuf::from),
+        })
+        .and_then(|c: GatewayConfig| {
+            if c.daemonize && c.serial == Some(SerialConfig::Stdio) {
+                return Err(CliError::invalid(
+                    "daemonize",
+                    "a daemon has no stdio for '-serial stdio'",
+                ));
+            }
+            if c.pidfile.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(CliError::invalid("pidfile", "empty path"));
+            }
+            Ok(c)
         })
     }
 }

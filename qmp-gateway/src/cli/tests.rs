@@ -174,16 +174,18 @@ fn machine_types() {
 fn not_implemented_options_are_refused_by_name() {
     fails(
         &["-incoming", "file:/tmp/t"],
-        "-incoming: not implemented yet (issue 3)",
+        "-incoming: not implemented yet",
     );
     fails(
         &["-mem-path", "/dev/hugepages"],
         "-mem-path: not implemented yet",
     );
-    fails(&["-daemonize"], "-daemonize: not implemented yet (issue 3)");
-    fails(
-        &["-pidfile", "/tmp/p"],
-        "-pidfile: not implemented yet (issue 3)",
+    fails(&["-daemonize", "-serial", "stdio"], "no stdio");
+    let c = run(&["-daemonize", "-pidfile", "/run/vm1.pid"]).unwrap();
+    assert!(c.daemonize);
+    assert_eq!(
+        c.pidfile.as_deref(),
+        Some(std::path::Path::new("/run/vm1.pid"))
     );
     fails(
         &["-object", "rng-random,id=r,filename=/dev/urandom"],

@@ -279,37 +279,9 @@ impl Fixture {
     }
 }
 
-/// A minimal ELF64 "kernel" (entry at 1 MiB) that spins forever: enough for the core to run a
-/// VM on any /dev/kvm (even PVM, which cannot boot a real guest) while QMP is exercised.
+/// A spin-loop "kernel" (see `flotilla_tests::elf`): enough for the core to run a VM on any
+/// /dev/kvm (even PVM, which cannot boot a real guest) while QMP is exercised.
 pub fn spin_kernel(dir: &std::path::Path) -> std::path::PathBuf {
-    const LOAD: u64 = 0x10_0000;
-    let code: &[u8] = &[0xeb, 0xfe]; // jmp .
-    let mut elf = Vec::new();
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes());
-    elf.extend_from_slice(&0x3eu16.to_le_bytes());
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&LOAD.to_le_bytes());
-    elf.extend_from_slice(&64u64.to_le_bytes());
-    elf.extend_from_slice(&0u64.to_le_bytes());
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&5u32.to_le_bytes());
-    for v in [
-        120u64,
-        LOAD,
-        LOAD,
-        code.len() as u64,
-        code.len() as u64,
-        0x1000,
-    ] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    elf.extend_from_slice(code);
-    let path = dir.join("spin.elf");
-    std::fs::write(&path, elf).expect("write the test kernel");
-    path
+    flotilla_tests::elf::write_tiny_kernel(dir, "spin.elf", flotilla_tests::elf::SPIN)
+        .expect("write the test kernel")
 }
