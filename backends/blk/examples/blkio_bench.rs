@@ -5,7 +5,7 @@
 //! ```text
 //! flotilla-blk --socket-path /tmp/b.sock --image disk.img --num-queues 2 &
 //! cargo run --release -p flotilla-blk --example blkio_bench -- \
-//!     /tmp/b.sock --queues 2 --depth 32 --bs 4096 --seconds 10 --rw randread
+//!     /tmp/b.sock --queues 2 --depth 32 --bs 4096 --seconds 10 --rw randread|randwrite|read
 //! ```
 //!
 //! It measures the backend and the vhost-user data path without a guest:
@@ -24,6 +24,7 @@ struct Opts {
     bs: usize,
     seconds: u64,
     write: bool,
+    sequential: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -35,6 +36,7 @@ fn parse() -> Result<Opts, String> {
         bs: 4096,
         seconds: 10,
         write: false,
+        sequential: false,
     };
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -44,7 +46,12 @@ fn parse() -> Result<Opts, String> {
             "--depth" => o.depth = num()? as usize,
             "--bs" => o.bs = num()? as usize,
             "--seconds" => o.seconds = num()?,
-            "--rw" => o.write = value == "randwrite",
+            "--rw" => match value.as_str() {
+                "randread" => {}
+                "randwrite" => o.write = true,
+                "read" => o.sequential = true,
+                other => return Err(format!("--rw {other}: expected randread, randwrite or read")),
+            },
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -78,10 +85,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .enumerate()
             .map(|(qi, mut q)| {
                 let base = region.addr + qi * per_queue;
-                let (depth, bs, write) = (o.depth, o.bs, o.write);
+                let (depth, bs, write, sequential) = (o.depth, o.bs, o.write, o.sequential);
                 s.spawn(move || {
                     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (qi as u64 + 1);
+                    let mut cursor = qi as u64 * (blocks / 8);
                     let mut next = move || {
+                        if sequential {
+                            cursor = (cursor + 1) % blocks;
+                            return cursor;
+                        }
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
@@ -129,7 +141,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let secs = o.seconds as f64;
     println!(
         "{} {} B x QD{} x {} queue(s): {:.0} IOPS, {:.1} MiB/s",
-        if o.write { "randwrite" } else { "randread" },
+        if o.write {
+            "randwrite"
+        } else if o.sequential {
+            "read"
+        } else {
+            "randread"
+        },
         o.bs,
         o.depth,
         o.queues,
