@@ -239,13 +239,11 @@ fn qemu_storage_daemon_disk_under_flotilla_vmm() {
     checksum_run(&mut t, "vda");
 }
 
-/// QEMU's own vhost-user frontend with flotilla-blk as its disk. On PCI (microvm's
-/// PCIe bridge): over QEMU's virtio-mmio the guest is offered 1024-entry queues, more
-/// than flotilla-blk accepts (see `DiskTest::qemu_pci`).
+/// QEMU's own vhost-user frontend (microvm, virtio-mmio, which offers the guest
+/// 1024-entry queues) with flotilla-blk as its disk.
 #[test]
 fn flotilla_blk_disk_under_qemu() {
     let mut t = DiskTest::new(GuestConfig::new(Vmm::Qemu, "blk-checksum"));
-    t.qemu_pci = true;
     let img = t.path("data.img");
     t.setup(&format!("truncate -s 64M {img}"));
     t.disks.push(Disk::flotilla(&img));

@@ -12,8 +12,12 @@ use vm_memory::ByteValued;
 
 use crate::request::{Limits, SECTOR_SIZE};
 
-/// Largest queue the device accepts; also bounds requests in flight per queue.
-pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Largest queue the device accepts; also bounds requests in flight per queue. 1024 because
+/// QEMU's virtio-mmio transport offers guests 1024-entry queues whatever `queue-size` says.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most data segments one request may have (SEG_MAX): what a 256-entry ring carries beside
+/// header and status, so a request fits any queue size a frontend picks (flotilla offers 256).
+pub const SEG_MAX: u32 = 254;
 /// Largest single data segment advertised (SIZE_MAX).
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Most ranges in one discard / write-zeroes request.
@@ -91,7 +95,7 @@ pub struct DeviceParams {
 impl DeviceParams {
     /// seg_max: what one chain can carry beside header and status.
     pub fn seg_max(&self) -> u32 {
-        u32::from(MAX_QUEUE_SIZE) - 2
+        SEG_MAX
     }
 
     /// The virtio feature bits offered (without the vhost-user bit).
