@@ -88,3 +88,69 @@ fn guest_reads_and_writes_a_flotilla_blk_disk() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The user's path: `flotilla` with StratoVirt's `-drive` + `-device virtio-blk-device`. The
+/// gateway opens the image, spawns flotilla-blk with the descriptors and the core with the
+/// other socket end; the guest reads the disk and writes a marker the host finds.
+#[test]
+fn stratovirt_drive_and_device_through_the_gateway() {
+    let dir = scratch_dir("gateway-drive").expect("scratch dir");
+    let image = dir.join("disk.img");
+    make_image(&image);
+    let expected_md5 = md5_of_first_mib(&image);
+    let images = flotilla_tests::guest_images().expect("guest images");
+    let id = std::process::id();
+    let work = format!("/tmp/flotilla-gw-drive-{id}");
+    let flotilla = flotilla_tests::paths::profile_dir().join("flotilla");
+    let script = format!(
+        "rm -rf {work} && mkdir -p {work} && cp {src} {work}/disk.img && \
+         {flotilla} -name gw -kernel {kernel} -initrd {initrd} \
+           -append 'console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=vda' -m 256 \
+           -serial stdio -drive id=d0,file={work}/disk.img,if=none,direct=off \
+           -device virtio-blk-device,drive=d0,id=disk0,serial=GW0 \
+           -qmp unix:{work}/qmp.sock,server,nowait; status=$?; \
+         echo FLOTILLA-RESULT host_marker=$(dd if={work}/disk.img bs=512 skip=8 count=1 2>/dev/null | head -c 16); \
+         for i in $(seq 50); do pgrep -f '[f]lotilla-blk --fd' >/dev/null || break; sleep 0.1; done; \
+         pgrep -f '[f]lotilla-blk --fd' >/dev/null && echo FLOTILLA-RESULT leftover=yes; \
+         rm -rf {work}; exit $status",
+        src = shell_quote(&image.to_string_lossy()),
+        flotilla = shell_quote(&flotilla.to_string_lossy()),
+        kernel = shell_quote(&images.kernel.to_string_lossy()),
+        initrd = shell_quote(&images.initramfs.to_string_lossy()),
+    );
+    let out = flotilla_tests::KvmHost::get()
+        .run(&script, std::time::Duration::from_secs(300))
+        .expect("run on the KVM host");
+    let stdout = out.stdout_str().replace('\r', "");
+    let result = |key: &str| {
+        stdout.lines().find_map(|l| {
+            let rest = &l[l.find("FLOTILLA-RESULT ")? + 16..];
+            rest.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_string)
+        })
+    };
+    let context = format!(
+        "status {}\n{stdout}\n--- stderr ---\n{}",
+        out.status,
+        out.stderr_str()
+    );
+    assert_eq!(
+        result("vda_md5").as_deref(),
+        Some(expected_md5.as_str()),
+        "{context}"
+    );
+    assert_eq!(result("vda_write").as_deref(), Some("ok"), "{context}");
+    assert_eq!(
+        result("host_marker").as_deref(),
+        Some("hello-from-guest"),
+        "{context}"
+    );
+    assert_eq!(
+        result("leftover"),
+        None,
+        "a backend outlived the VM\n{context}"
+    );
+    assert_eq!(out.status, 0, "{context}");
+    let _ = std::fs::remove_dir_all(dir);
+}
