@@ -50,7 +50,11 @@ fn parse() -> Result<Opts, String> {
                 "randread" => {}
                 "randwrite" => o.write = true,
                 "read" => o.sequential = true,
-                other => return Err(format!("--rw {other}: expected randread, randwrite or read")),
+                other => {
+                    return Err(format!(
+                        "--rw {other}: expected randread, randwrite or read"
+                    ))
+                }
             },
             _ => return Err(format!("unknown flag {flag}")),
         }
