@@ -30,7 +30,7 @@ pub struct Framer {
     in_string: bool,
     escaped: bool,
     garbage: bool,
-    skipping: bool,
+    discarding: bool,
 }
 
 impl Framer {
@@ -43,7 +43,7 @@ impl Framer {
             in_string: false,
             escaped: false,
             garbage: false,
-            skipping: false,
+            discarding: false,
         }
     }
 
@@ -63,9 +63,9 @@ impl Framer {
     /// Consumes `data`, appending every completed frame to `out`.
     pub fn push(&mut self, data: &[u8], out: &mut Vec<Frame>) {
         for &b in data {
-            if self.skipping {
+            if self.discarding {
                 if b == b'\n' {
-                    self.skipping = false;
+                    self.discarding = false;
                 }
                 continue;
             }
@@ -117,7 +117,7 @@ impl Framer {
             if self.buf.len() > self.max {
                 self.reset();
                 // A newline just consumed ended nothing; skip to the next one.
-                self.skipping = true;
+                self.discarding = true;
                 out.push(Frame::TooLong);
             }
         }
