@@ -10,8 +10,13 @@
 
 use std::os::unix::net::UnixStream;
 
+use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
+    VhostUserProtocolFeatures,
+};
 use vhost::{VhostBackend, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -69,6 +74,69 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads the backend's whole config space into `cache`.
+fn refresh_config(conn: &mut Frontend, cache: &Mutex<Vec<u8>>) -> Result<(), String> {
+    let len = lock(cache).len();
+    if len == 0 {
+        return Ok(());
+    }
+    let (_, payload) = conn
+        .get_config(
+            0,
+            len as u32,
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0u8; len],
+        )
+        .map_err(|e| e.to_string())?;
+    if payload.len() != len {
+        return Err(format!(
+            "backend returned {} config bytes, expected {len}",
+            payload.len()
+        ));
+    }
+    lock(cache).copy_from_slice(&payload);
+    Ok(())
+}
+
+/// Serves the backend's requests on the backend channel. Today: CONFIG_CHANGE_MSG (e.g. a
+/// disk resized): the config cache is re-read and the guest gets a config-change interrupt.
+struct BackendChannel {
+    name: String,
+    conn: Mutex<Frontend>,
+    config: Arc<Mutex<Vec<u8>>>,
+    interrupt: Arc<Mutex<Option<Arc<VirtioInterrupt>>>>,
+}
+
+impl VhostUserFrontendReqHandler for BackendChannel {
+    fn handle_config_change(&self) -> std::io::Result<u64> {
+        trace_event!(
+            VHOST_USER_MESSAGE,
+            "{}: CONFIG_CHANGE_MSG from the backend",
+            self.name
+        );
+        refresh_config(&mut lock(&self.conn), &self.config).map_err(std::io::Error::other)?;
+        if let Some(interrupt) = lock(&self.interrupt).as_ref() {
+            interrupt.signal_config_change();
+        }
+        log::info!("{}: backend changed its config space", self.name);
+        Ok(0)
+    }
+}
+
+/// A raw descriptor number lent to `set_backend_request_fd`.
+struct Lent(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for Lent {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
 }
 
 struct Backend {
@@ -84,11 +152,11 @@ pub struct VhostUserDevice {
     queue_sizes: Vec<u16>,
     offered_features: u64,
     acked_features: u64,
-    config: Vec<u8>,
+    config: Arc<Mutex<Vec<u8>>>,
     memory: GuestMemory,
     memory_table: MemoryTable,
     kicks: Vec<EventFd>,
-    interrupt: Option<std::sync::Arc<VirtioInterrupt>>,
+    interrupt: Arc<Mutex<Option<Arc<VirtioInterrupt>>>>,
     backend: Option<Backend>,
     active_queues: Option<Vec<QueueConfig>>,
 }
@@ -116,11 +184,11 @@ impl VhostUserDevice {
             queue_sizes,
             offered_features,
             acked_features: 0,
-            config: vec![0; config_len],
+            config: Arc::new(Mutex::new(vec![0; config_len])),
             memory,
             memory_table,
             kicks,
-            interrupt: None,
+            interrupt: Arc::default(),
             backend: None,
             active_queues: None,
         })
@@ -152,14 +220,11 @@ impl VhostUserDevice {
         } else {
             None
         };
-        if protocol.is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG))
-            && !self.config.is_empty()
-        {
-            let len = self.config.len() as u32;
-            let (_, payload) = conn
-                .get_config(0, len, VhostUserConfigFlags::WRITABLE, &self.config.clone())
-                .map_err(|e| FrontendError::Config(e.to_string()))?;
-            self.config.copy_from_slice(&payload);
+        if protocol.is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG)) {
+            refresh_config(&mut conn, &self.config).map_err(FrontendError::Config)?;
+        }
+        if let Some(p) = protocol.filter(|p| p.contains(VhostUserProtocolFeatures::BACKEND_REQ)) {
+            self.start_backend_channel(&mut conn, p)?;
         }
         self.backend = Some(Backend {
             conn,
@@ -173,12 +238,48 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Opens the backend request channel and serves it on a thread of its own.
+    ///
+    /// The handler keeps its copy of the backend's end of the socketpair, so the thread only
+    /// ends on a malformed message, not when the backend dies; the supervision issue (backend
+    /// restarts) must close it explicitly before attaching a new backend.
+    fn start_backend_channel(
+        &self,
+        conn: &mut Frontend,
+        protocol: VhostUserProtocolFeatures,
+    ) -> Result<(), FrontendError> {
+        let channel = BackendChannel {
+            name: self.name.clone(),
+            conn: Mutex::new(conn.clone()),
+            config: self.config.clone(),
+            interrupt: self.interrupt.clone(),
+        };
+        let mut handler = FrontendReqHandler::new(Arc::new(channel))
+            .map_err(|e| FrontendError::Config(format!("backend channel: {e}")))?;
+        handler.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        conn.set_backend_request_fd(&Lent(handler.get_tx_raw_fd()))
+            .map_err(req("SET_BACKEND_REQ_FD"))?;
+        let name = self.name.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-backend-req", self.name))
+            .spawn(move || loop {
+                // Ends when the backend closes its end (or sends garbage).
+                if let Err(e) = handler.handle_request() {
+                    log::info!("{name}: backend channel closed: {e}");
+                    return;
+                }
+            })
+            .map_err(FrontendError::EventFd)?;
+        Ok(())
+    }
+
     /// Sends the guest's negotiated state to the backend and starts its rings.
     fn setup_backend(&mut self, queues: &[QueueConfig]) -> Result<(), FrontendError> {
         let Some(backend) = self.backend.as_mut() else {
             return Ok(());
         };
-        let interrupt = self.interrupt.as_ref().map(|i| i.irq());
+        let interrupt = lock(&self.interrupt).clone();
+        let interrupt = interrupt.as_ref().map(|i| i.irq());
         backend
             .conn
             .set_features(self.acked_features | (backend.features & PROTOCOL_FEATURES_BIT))
@@ -258,10 +359,11 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = lock(&self.config);
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
                 .ok()
-                .and_then(|o| self.config.get(o + i))
+                .and_then(|o| config.get(o + i))
                 .copied()
                 .unwrap_or(0);
         }
@@ -274,15 +376,18 @@ impl VirtioDevice for VhostUserDevice {
         else {
             return;
         };
-        if end > self.config.len() {
-            log::warn!(
-                "{}: config write past the end ({end} > {})",
-                self.name,
-                self.config.len()
-            );
-            return;
+        {
+            let mut config = lock(&self.config);
+            if end > config.len() {
+                log::warn!(
+                    "{}: config write past the end ({end} > {})",
+                    self.name,
+                    config.len()
+                );
+                return;
+            }
+            config[end - data.len()..end].copy_from_slice(data);
         }
-        self.config[end - data.len()..end].copy_from_slice(data);
         if let Some(b) = self.backend.as_mut() {
             if b.protocol
                 .is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG))
@@ -313,11 +418,11 @@ impl VirtioDevice for VhostUserDevice {
         &self.kicks
     }
 
-    fn set_interrupt(&mut self, interrupt: std::sync::Arc<VirtioInterrupt>) {
+    fn set_interrupt(&mut self, interrupt: Arc<VirtioInterrupt>) {
         // The backend signals the irqfd directly and the core never sees a used-ring update,
         // so the transport must always report "vring" in its interrupt status.
         interrupt.set_external_vrings(true);
-        self.interrupt = Some(interrupt);
+        *lock(&self.interrupt) = Some(interrupt);
     }
 
     fn reset(&mut self) {
@@ -335,5 +440,139 @@ impl VirtioDevice for VhostUserDevice {
         for k in &self.kicks {
             let _ = k.read();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A scripted backend speaking raw vhost-user, for what no real backend here does yet:
+    //! announcing a config change on the backend channel.
+    use super::*;
+    use crate::transport::INT_CONFIG;
+    use crate::vstate::memory::GuestRam;
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, RawFd};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const VERSION: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+
+    /// Receives one message: (request, body, fd passed with it).
+    fn recv(sock: &mut UnixStream) -> Option<(u32, Vec<u8>, Option<RawFd>)> {
+        let mut hdr = [0u8; 12];
+        let mut cmsg = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        };
+        // SAFETY: msghdr is plain data; every pointer in it refers to live buffers above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg);
+        // SAFETY: recvmsg writes only into the buffers msg describes.
+        let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &mut msg, 0) };
+        if n <= 0 {
+            return None;
+        }
+        if (n as usize) < hdr.len() {
+            sock.read_exact(&mut hdr[n as usize..]).ok()?;
+        }
+        // SAFETY: CMSG_FIRSTHDR/CMSG_DATA walk the control buffer recvmsg filled.
+        let fd = unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (!c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS)
+                .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const RawFd))
+        };
+        let word = |i: usize| u32::from_le_bytes(hdr[i * 4..i * 4 + 4].try_into().unwrap());
+        let mut body = vec![0u8; word(2) as usize];
+        sock.read_exact(&mut body).ok()?;
+        Some((word(0), body, fd))
+    }
+
+    fn send(sock: &mut UnixStream, request: u32, flags: u32, body: &[u8]) {
+        let mut m = Vec::new();
+        for v in [request, flags, body.len() as u32] {
+            m.extend_from_slice(&v.to_le_bytes());
+        }
+        m.extend_from_slice(body);
+        sock.write_all(&m).unwrap();
+    }
+
+    /// Serves the frontend's requests; the disk's capacity is `capacity`. Returns the backend
+    /// channel it was handed.
+    fn fake_backend(
+        mut sock: UnixStream,
+        capacity: Arc<AtomicU64>,
+    ) -> std::sync::mpsc::Receiver<UnixStream> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            while let Some((request, body, fd)) = recv(&mut sock) {
+                match request {
+                    1 => {
+                        let features = PROTOCOL_FEATURES_BIT | crate::transport::VIRTIO_F_VERSION_1;
+                        send(&mut sock, 1, VERSION | REPLY, &features.to_le_bytes());
+                    }
+                    15 => {
+                        let p = (VhostUserProtocolFeatures::CONFIG
+                            | VhostUserProtocolFeatures::BACKEND_REQ)
+                            .bits();
+                        send(&mut sock, 15, VERSION | REPLY, &p.to_le_bytes());
+                    }
+                    24 => {
+                        let size = u32::from_le_bytes(body[4..8].try_into().unwrap()) as usize;
+                        let mut config = vec![0u8; size];
+                        config[..8].copy_from_slice(&capacity.load(Ordering::SeqCst).to_le_bytes());
+                        let mut reply = body[..12].to_vec();
+                        reply.extend_from_slice(&config);
+                        send(&mut sock, 24, VERSION | REPLY, &reply);
+                    }
+                    21 => {
+                        let fd = fd.expect("SET_BACKEND_REQ_FD carries a descriptor");
+                        // SAFETY: the descriptor just arrived over SCM_RIGHTS and is ours.
+                        tx.send(unsafe { UnixStream::from_raw_fd(fd) }).unwrap();
+                    }
+                    _ => {} // SET_OWNER, SET_PROTOCOL_FEATURES: no reply without REPLY_ACK.
+                }
+            }
+        });
+        rx
+    }
+
+    #[test]
+    fn config_change_from_the_backend_reaches_the_guest() {
+        let ram = GuestRam::new(256 << 20).unwrap();
+        let capacity = Arc::new(AtomicU64::new(2048));
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let channels = fake_backend(theirs, capacity.clone());
+        let mut dev =
+            crate::vhost_user::blk::vhost_user_blk("d", 1, &ram.memory, &MemoryTable::new(&ram))
+                .unwrap();
+        dev.attach(ours).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
+        dev.set_interrupt(interrupt.clone());
+        let read_capacity = |dev: &VhostUserDevice| {
+            let mut b = [0u8; 8];
+            dev.read_config(0, &mut b);
+            u64::from_le_bytes(b)
+        };
+        assert_eq!(read_capacity(&dev), 2048);
+
+        // The disk grows; the backend says so on its channel (no reply requested).
+        capacity.store(4096, Ordering::SeqCst);
+        let mut channel = channels
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("backend channel");
+        send(&mut channel, 2, VERSION, &[]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while interrupt.status() & INT_CONFIG == 0 {
+            assert!(std::time::Instant::now() < deadline, "no config interrupt");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(read_capacity(&dev), 4096);
+        assert_eq!(interrupt.config_generation(), 1);
+        assert!(irq.read().is_ok());
     }
 }
