@@ -483,6 +483,18 @@ fn get_vring_base_waits_for_requests_in_flight() {
     }
 }
 
+/// The backend exits by itself once its frontend hangs up (within 10 s).
+fn wait_exit_after_hang_up(child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "backend did not exit after hang-up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn clear_cloexec(fd: RawFd) {
     fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear FD_CLOEXEC");
 }
@@ -573,14 +585,7 @@ fn serves_an_inherited_listening_socket() {
     let mut d = Driver::setup(Frontend::connect(&sock, 1).expect("connect"), 0);
     assert_eq!(d.read(8, 4096), image[4096..8192]);
     drop(d);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "backend did not exit after hang-up"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_exit_after_hang_up(&mut child);
 }
 
 #[test]
@@ -628,14 +633,7 @@ fn spec_spellings_blk_file_and_read_only() {
     let features = fe.get_features().unwrap();
     assert_ne!(features & (1 << 5), 0, "--read-only offers VIRTIO_BLK_F_RO");
     drop(fe);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "backend did not exit after hang-up"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_exit_after_hang_up(&mut child);
 }
 
 #[test]
