@@ -160,10 +160,7 @@ impl Disk {
 
 /// `target/<profile>/flotilla-blk` (`$FLOTILLA_BLK` overrides).
 pub fn blk_binary() -> std::path::PathBuf {
-    match std::env::var_os("FLOTILLA_BLK") {
-        Some(p) => p.into(),
-        None => paths::profile_dir().join("flotilla-blk"),
-    }
+    paths::program("flotilla-blk")
 }
 
 /// A guest boot with vhost-user disks, plus host-side shell steps around it.

@@ -98,12 +98,55 @@ pub fn prune_older_than(dir: &Path, max_age: std::time::Duration) {
     }
 }
 
+/// The workspace programs a test may start (the gateway finds its siblings next to itself).
+const PROGRAMS: &[&str] = &[
+    "flotilla",
+    "flotilla-vmm",
+    "flotilla-blk",
+    "flotilla-net",
+    "flotilla-balloon",
+];
+
+/// This test process's private copy of the workspace programs.
+///
+/// Why a copy: the KVM host VM reads the host's files over 9p while a test runs, and a
+/// `cargo build` elsewhere (another test binary, a developer) replaces `target/<profile>/*`
+/// under it; the running program then faults (SIGSEGV/SIGILL). The copy is taken once per
+/// test process, so every command of that process sees one consistent set of binaries.
+/// Programs not built yet are left out; old copies are pruned after a day.
+pub fn binaries_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = log_dir().join("bin");
+        prune_older_than(&root, std::time::Duration::from_secs(24 * 3600));
+        let dir = root.join(std::process::id().to_string());
+        let copied = std::fs::create_dir_all(&dir).is_ok()
+            && PROGRAMS.iter().all(|name| {
+                let src = profile_dir().join(name);
+                !src.exists() || std::fs::copy(&src, dir.join(name)).is_ok()
+            });
+        if copied {
+            dir
+        } else {
+            profile_dir()
+        }
+    })
+    .clone()
+}
+
+/// A workspace program under test, from [`binaries_dir`] (`$FLOTILLA_<NAME>` overrides,
+/// e.g. `FLOTILLA_VMM` for `flotilla-vmm`).
+pub fn program(name: &str) -> PathBuf {
+    let var = name.to_uppercase().replace('-', "_");
+    match std::env::var_os(&var).filter(|_| name != "flotilla") {
+        Some(p) => PathBuf::from(p),
+        None => binaries_dir().join(name),
+    }
+}
+
 /// The flotilla-vmm binary under test (`$FLOTILLA_VMM` overrides).
 pub fn vmm_binary() -> PathBuf {
-    match std::env::var_os("FLOTILLA_VMM") {
-        Some(p) => PathBuf::from(p),
-        None => profile_dir().join("flotilla-vmm"),
-    }
+    program("flotilla-vmm")
 }
 
 /// The reference VMM (`$FLOTILLA_QEMU` overrides `qemu-system-x86_64` from PATH).

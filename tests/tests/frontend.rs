@@ -146,7 +146,7 @@ fn generic_frontend_serves_requests_and_survives_a_guest_reset() {
         .write_all(&pattern)
         .unwrap();
     let sock = dir.join("blk.sock");
-    let blk_bin = flotilla_tests::paths::profile_dir().join("flotilla-blk");
+    let blk_bin = flotilla_tests::paths::program("flotilla-blk");
     let mut backend = Backend(
         Command::new(&blk_bin)
             .arg("--socket-path")

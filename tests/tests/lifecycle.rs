@@ -11,7 +11,7 @@ use flotilla_tests::{guest_images, paths, shell_quote, KvmHost};
 fn qmp_lifecycle_with_a_real_guest() {
     let images = guest_images().expect("guest images");
     let script = paths::workspace_root().join("tests/qmp/lifecycle.py");
-    let flotilla = paths::profile_dir().join("flotilla");
+    let flotilla = paths::program("flotilla");
     let command = format!(
         "python3 {} --flotilla {} --kernel {} --initrd {}",
         shell_quote(&script.to_string_lossy()),

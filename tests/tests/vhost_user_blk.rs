@@ -101,7 +101,7 @@ fn stratovirt_drive_and_device_through_the_gateway() {
     let images = flotilla_tests::guest_images().expect("guest images");
     let id = std::process::id();
     let work = format!("/tmp/flotilla-gw-drive-{id}");
-    let flotilla = flotilla_tests::paths::profile_dir().join("flotilla");
+    let flotilla = flotilla_tests::paths::program("flotilla");
     let script = format!(
         "rm -rf {work} && mkdir -p {work} && cp {src} {work}/disk.img && \
          {flotilla} -name gw -kernel {kernel} -initrd {initrd} \
