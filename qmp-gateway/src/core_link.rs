@@ -4,13 +4,15 @@
 //! (the event bus adds the QMP timestamp).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Map, Value};
 
 use crate::qmp::protocol::ErrorClass;
@@ -105,6 +107,28 @@ impl CoreLink {
         args: Map<String, Value>,
         queued: impl FnOnce(Box<dyn FnOnce() + Send>),
     ) -> Result<Value, QmpError> {
+        self.request_inner(command, args, None, queued)
+    }
+
+    /// Executes a core-internal command that carries a descriptor (`x-attach-backend`: the
+    /// core's end of a backend's socketpair). The descriptor travels with the request's bytes
+    /// (SCM_RIGHTS), so the core pairs them in order.
+    pub fn request_with_fd(
+        &self,
+        command: &str,
+        args: Map<String, Value>,
+        fd: &dyn AsRawFd,
+    ) -> Result<Value, QmpError> {
+        self.request_inner(command, args, Some(fd.as_raw_fd()), |done| done())
+    }
+
+    fn request_inner(
+        &self,
+        command: &str,
+        args: Map<String, Value>,
+        fd: Option<RawFd>,
+        queued: impl FnOnce(Box<dyn FnOnce() + Send>),
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = channel();
         {
@@ -116,11 +140,14 @@ impl CoreLink {
         }
         let mut line = json!({ "execute": command, "arguments": args, "id": id }).to_string();
         line.push('\n');
-        let sent = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_all(line.as_bytes());
+        let sent = {
+            let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            match fd {
+                None => writer.write_all(line.as_bytes()),
+                Some(fd) => send_with_fd(&writer, line.as_bytes(), fd)
+                    .and_then(|n| writer.write_all(&line.as_bytes()[n..])),
+            }
+        };
         if let Err(e) = sent {
             self.pending().remove(&id);
             return Err(QmpError::generic(format!("the VM core is gone ({e})")));
@@ -157,6 +184,20 @@ impl CoreLink {
             class,
             desc: desc.to_string(),
         })
+    }
+}
+
+/// Sends the start of `bytes` with `fd` attached; returns how many bytes went out.
+fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::Result<usize> {
+    let fds = [fd];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [IoSlice::new(bytes)];
+    loop {
+        match sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

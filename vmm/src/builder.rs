@@ -14,6 +14,7 @@ use crate::config::{BackendSocket, SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
 use crate::exit::VmExit;
+use crate::hotplug::{SlotDevice, SlotKind, BLK_SLOTS};
 use crate::vhost_user::{blk, memory::MemoryTable};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
@@ -116,6 +117,30 @@ impl VmHandle {
     /// OS thread id of each vCPU, by index.
     pub fn vcpu_thread_ids(&self) -> Vec<i32> {
         self.run_state.thread_ids()
+    }
+
+    /// Attaches the backend connected over `stream` to device slot `slot` (hotplug, or the
+    /// supervisor's replacement for a backend that died).
+    pub fn attach_backend(&self, slot: &str, stream: UnixStream) -> Result<(), String> {
+        self.reset
+            .devices
+            .slots
+            .attach(slot, stream)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Drops slot `slot`'s backend; `unplug` empties the slot, otherwise it waits for a new one.
+    pub fn detach_backend(&self, slot: &str, unplug: bool) -> Result<(), String> {
+        self.reset
+            .devices
+            .slots
+            .detach(slot, unplug)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every device slot and its state.
+    pub fn slots(&self) -> Vec<crate::hotplug::SlotStatus> {
+        self.reset.devices.slots.status()
     }
 
     /// Resets the machine (QMP `system_reset`): vCPUs stop, the kernel, initrd and boot tables
@@ -288,6 +313,52 @@ fn backend_stream(socket: &BackendSocket) -> Result<UnixStream, String> {
     }
 }
 
+/// Creates the six block slots: cold-plugged disks (`-device vhost-user-blk-device`) fill the
+/// first ones, in command-line order, with their backends attached; the rest start empty.
+fn add_blk_slots(
+    config: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    table: &MemoryTable,
+    devices: &mut DeviceManager,
+) -> Result<(), BuildError> {
+    if config.vhost_user_blk.len() > BLK_SLOTS {
+        return Err(BuildError::Backend {
+            id: config.vhost_user_blk[BLK_SLOTS].id.clone(),
+            reason: format!("microvm has {BLK_SLOTS} disk slots, hot-plugged disks included"),
+        });
+    }
+    for index in 0..BLK_SLOTS {
+        let slot = format!("{}{index}", SlotKind::Blk.prefix());
+        let disk = config.vhost_user_blk.get(index);
+        let backend_err = |reason: String| BuildError::Backend {
+            id: disk.map_or(slot.clone(), |d| d.id.clone()),
+            reason,
+        };
+        let queues = disk.map_or(1, |d| d.num_queues);
+        let mut device = blk::vhost_user_blk(&slot, queues, &ram.memory, table)
+            .map_err(|e| backend_err(e.to_string()))?;
+        if let Some(disk) = disk {
+            let stream = backend_stream(&disk.socket).map_err(&backend_err)?;
+            device
+                .attach(stream)
+                .map_err(|e| backend_err(e.to_string()))?;
+        }
+        let shared = Arc::new(Mutex::new(device));
+        let transport = SlotDevice::new(shared.clone())
+            .map_err(|e| backend_err(format!("cannot share the device: {e}")))?;
+        let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(transport))?;
+        log::info!(
+            "{slot}{}: vhost-user block slot at {:#x}, IRQ {}",
+            disk.map(|d| format!(" ({})", d.id)).unwrap_or_default(),
+            info.base,
+            info.irq
+        );
+        devices.slots.push(slot, SlotKind::Blk, info, shared);
+    }
+    Ok(())
+}
+
 /// Builds and starts a microvm.
 pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let mut images = GuestImages::open(config)?;
@@ -301,28 +372,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let mut devices = DeviceManager::new();
     devices.add_legacy_devices(vm.fd(), serial_out, exit_tx.clone())?;
     let table = MemoryTable::new(&ram);
-    for disk in &config.vhost_user_blk {
-        let mut device = blk::vhost_user_blk(&disk.id, disk.num_queues, &ram.memory, &table)
-            .map_err(|e| BuildError::Backend {
-                id: disk.id.clone(),
-                reason: e.to_string(),
-            })?;
-        let stream = backend_stream(&disk.socket).map_err(|reason| BuildError::Backend {
-            id: disk.id.clone(),
-            reason,
-        })?;
-        device.attach(stream).map_err(|e| BuildError::Backend {
-            id: disk.id.clone(),
-            reason: e.to_string(),
-        })?;
-        let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(device))?;
-        log::info!(
-            "{}: vhost-user block at {:#x}, IRQ {}",
-            disk.id,
-            info.base,
-            info.irq
-        );
-    }
+    add_blk_slots(config, &vm, &ram, &table, &mut devices)?;
     let entry = load_guest(config, &mut images, &ram, &devices)?;
 
     let vcpus = (0..config.vcpus)

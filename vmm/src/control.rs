@@ -4,7 +4,9 @@
 //! timestamps. The gateway is trusted, but its input is still validated: a malformed line
 //! gets an error reply and changes nothing.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -13,6 +15,7 @@ use serde_json::{json, Map, Value};
 
 use crate::builder::VmHandle;
 use crate::exit::VmExit;
+use crate::hotplug::SlotStatus;
 use crate::trace;
 use crate::trace_event;
 
@@ -37,6 +40,18 @@ pub trait VmControl: Send + Sync {
     fn reset(&self) -> Result<(), String>;
     /// Reads the 64-bit value at a guest-physical address (QMP `query-mem-gpa`).
     fn read_gpa(&self, gpa: u64) -> Result<u64, String>;
+    /// Attaches the backend connected over `stream` to a device slot.
+    fn attach_backend(&self, _slot: &str, _stream: UnixStream) -> Result<(), String> {
+        Err("this VM has no device slots".into())
+    }
+    /// Drops a slot's backend (`unplug`: empty the slot; else wait for a new backend).
+    fn detach_backend(&self, _slot: &str, _unplug: bool) -> Result<(), String> {
+        Err("this VM has no device slots".into())
+    }
+    /// Every device slot and its state.
+    fn slots(&self) -> Vec<SlotStatus> {
+        Vec::new()
+    }
 }
 
 impl VmControl for VmHandle {
@@ -63,6 +78,93 @@ impl VmControl for VmHandle {
     }
     fn read_gpa(&self, gpa: u64) -> Result<u64, String> {
         VmHandle::read_gpa(self, gpa)
+    }
+    fn attach_backend(&self, slot: &str, stream: UnixStream) -> Result<(), String> {
+        VmHandle::attach_backend(self, slot, stream)
+    }
+    fn detach_backend(&self, slot: &str, unplug: bool) -> Result<(), String> {
+        VmHandle::detach_backend(self, slot, unplug)
+    }
+    fn slots(&self) -> Vec<SlotStatus> {
+        VmHandle::slots(self)
+    }
+}
+
+/// Descriptors that arrived on the control socket (SCM_RIGHTS), oldest first. A request that
+/// carries one (`x-attach-backend`) was sent together with it, so requests and descriptors
+/// pair up in order.
+#[derive(Default)]
+pub struct ReceivedFds(Mutex<VecDeque<OwnedFd>>);
+
+impl ReceivedFds {
+    fn push(&self, fd: OwnedFd) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(fd);
+    }
+
+    fn take(&self) -> Option<OwnedFd> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+}
+
+/// The control socket's reading half: a byte stream like any other, except that descriptors
+/// passed along with the bytes are kept in a [`ReceivedFds`] instead of being dropped.
+struct FdReader {
+    stream: UnixStream,
+    fds: Arc<ReceivedFds>,
+}
+
+/// Most descriptors accepted with one read.
+const MAX_FDS_PER_READ: usize = 8;
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut cmsg = [0u64; 2 + MAX_FDS_PER_READ / 2 + 2];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is plain data; the pointers set below refer to live buffers.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg);
+        let n = loop {
+            // SAFETY: recvmsg writes at most the lengths msg describes into buf and cmsg.
+            let n =
+                unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        // SAFETY: the CMSG macros walk the control buffer recvmsg filled, within
+        // msg_controllen; each SCM_RIGHTS payload is an array of descriptors now ours.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c) as *const RawFd;
+                    let count = ((*c).cmsg_len as usize - (data as usize - c as usize))
+                        / std::mem::size_of::<RawFd>();
+                    for i in 0..count {
+                        let fd = std::ptr::read_unaligned(data.add(i));
+                        self.fds.push(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            log::warn!("control: descriptors were dropped (more than {MAX_FDS_PER_READ} at once)");
+        }
+        Ok(n)
     }
 }
 
@@ -109,21 +211,41 @@ fn error(class: &str, desc: impl Into<String>) -> Value {
     json!({ "error": { "class": class, "desc": desc.into() } })
 }
 
-/// Executes one command line and returns the reply (with `id` echoed).
+/// Executes one command line that carries no descriptor and returns the reply.
 pub fn handle_line(vm: &dyn VmControl, events: &ControlSender, line: &str) -> Value {
+    handle_request(vm, events, &ReceivedFds::default(), line)
+}
+
+/// Executes one command line and returns the reply (with `id` echoed). A command that takes
+/// a descriptor takes the oldest one in `fds`, even when it then fails, so the pairing of
+/// requests and descriptors survives errors.
+pub fn handle_request(
+    vm: &dyn VmControl,
+    events: &ControlSender,
+    fds: &ReceivedFds,
+    line: &str,
+) -> Value {
     let request: Map<String, Value> = match serde_json::from_str(line) {
         Ok(Value::Object(map)) => map,
         Ok(_) => return error("GenericError", "expected a JSON object"),
         Err(e) => return error("GenericError", format!("JSON parse error: {e}")),
     };
-    let mut reply = execute(vm, events, &request);
+    let fd = (request.get("execute").and_then(Value::as_str) == Some("x-attach-backend"))
+        .then(|| fds.take())
+        .flatten();
+    let mut reply = execute(vm, events, &request, fd);
     if let (Some(id), Some(obj)) = (request.get("id"), reply.as_object_mut()) {
         obj.insert("id".into(), id.clone());
     }
     reply
 }
 
-fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Value>) -> Value {
+fn execute(
+    vm: &dyn VmControl,
+    events: &ControlSender,
+    request: &Map<String, Value>,
+    fd: Option<OwnedFd>,
+) -> Value {
     let Some(command) = request.get("execute").and_then(Value::as_str) else {
         return error("GenericError", "missing 'execute' (a command name string)");
     };
@@ -261,6 +383,41 @@ fn execute(vm: &dyn VmControl, events: &ControlSender, request: &Map<String, Val
             trace::set_state(trace::CORE_POINTS, pattern, on);
             json!({ "return": {} })
         }
+        "x-attach-backend" => {
+            let Some(slot) = args.get("slot").and_then(Value::as_str) else {
+                return error("GenericError", "x-attach-backend needs 'slot' (string)");
+            };
+            let Some(fd) = fd else {
+                return error(
+                    "GenericError",
+                    "x-attach-backend: no socket was passed with the request",
+                );
+            };
+            match vm.attach_backend(slot, UnixStream::from(fd)) {
+                Ok(()) => json!({ "return": {} }),
+                Err(e) => error("GenericError", e),
+            }
+        }
+        "x-detach-backend" => {
+            let (Some(slot), Some(unplug)) = (
+                args.get("slot").and_then(Value::as_str),
+                args.get("unplug").and_then(Value::as_bool),
+            ) else {
+                return error(
+                    "GenericError",
+                    "x-detach-backend needs 'slot' (string) and 'unplug' (bool)",
+                );
+            };
+            match vm.detach_backend(slot, unplug) {
+                Ok(()) => json!({ "return": {} }),
+                Err(e) => error("GenericError", e),
+            }
+        }
+        "x-query-slots" => no_args(json!({ "return": vm
+            .slots()
+            .into_iter()
+            .map(|s| json!({ "slot": s.name, "kind": s.kind.prefix(), "state": s.state.as_str() }))
+            .collect::<Vec<_>>() })),
         "query-cpus" => no_args(json!({ "return": query_cpus(vm) })),
         "query-hotpluggable-cpus" => no_args(json!({ "return": hotpluggable_cpus(vm) })),
         other => error(
@@ -351,17 +508,21 @@ pub fn spawn(
 ) -> std::io::Result<(ControlSender, JoinHandle<()>)> {
     let sender = ControlSender::new(stream.try_clone()?);
     let replies = sender.clone();
+    let fds = Arc::new(ReceivedFds::default());
     let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            let mut reader = BufReader::new(stream);
+            let mut reader = BufReader::new(FdReader {
+                stream,
+                fds: fds.clone(),
+            });
             loop {
                 let mut quit = false;
                 let reply = match read_bounded_line(&mut reader) {
                     Ok(None) => break,
                     Ok(Some(Ok(line))) if line.is_empty() => continue,
                     Ok(Some(Ok(line))) => {
-                        let reply = handle_line(&*vm, &replies, &line);
+                        let reply = handle_request(&*vm, &replies, &fds, &line);
                         quit = reply.get("return").is_some() && is_quit(&line);
                         reply
                     }

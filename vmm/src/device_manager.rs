@@ -16,6 +16,7 @@ use crate::devices::legacy::serial::{SerialDevice, SerialOut};
 use crate::devices::legacy::{CMOS_PORT, I8042_PORT, SERIAL_PORT};
 use crate::devices::IrqTrigger;
 use crate::exit::{ExitTrigger, VmExit};
+use crate::hotplug::Slots;
 use crate::transport::mmio::MmioTransport;
 use crate::transport::{VirtioDevice, VirtioInterrupt};
 
@@ -84,6 +85,8 @@ pub struct DeviceManager {
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
     /// The ACPI Generic Event Device (power button).
     pub ged: Option<Arc<Mutex<Ged>>>,
+    /// Replaceable device slots (hotplug, backend restarts).
+    pub slots: Slots,
 }
 
 impl DeviceManager {
@@ -95,6 +98,7 @@ impl DeviceManager {
             mmio_devices: Vec::new(),
             serial: None,
             ged: None,
+            slots: Slots::default(),
         }
     }
 

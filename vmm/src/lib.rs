@@ -12,6 +12,7 @@ pub mod control;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod hotplug;
 pub mod logger;
 pub mod options;
 pub mod terminal;

@@ -40,6 +40,26 @@ pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_BLK_F_DISCARD
     | VIRTIO_BLK_F_WRITE_ZEROES;
 
+/// The config space of an empty block slot: a disk of capacity 0 whose limits match what
+/// flotilla-blk reports, because the guest driver reads the limits once, at probe time, and a
+/// disk plugged later keeps them.
+pub fn empty_config() -> Vec<u8> {
+    let mut c = vec![0u8; CONFIG_LEN];
+    let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
+    put(8, &(1u32 << 20).to_le_bytes()); // size_max
+    put(12, &254u32.to_le_bytes()); // seg_max
+    put(20, &512u32.to_le_bytes()); // blk_size
+    put(26, &1u16.to_le_bytes()); // min_io_size
+    put(34, &1u16.to_le_bytes()); // num_queues
+    put(36, &(1u32 << 22).to_le_bytes()); // max_discard_sectors
+    put(40, &32u32.to_le_bytes()); // max_discard_seg
+    put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+    put(48, &(1u32 << 22).to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &32u32.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[1]); // write_zeroes_may_unmap
+    c
+}
+
 /// A vhost-user block device with `num_queues` queues.
 pub fn vhost_user_blk(
     id: &str,
@@ -52,7 +72,7 @@ pub fn vhost_user_blk(
         VIRTIO_ID_BLOCK,
         vec![QUEUE_SIZE; usize::from(num_queues.max(1))],
         OFFERED_FEATURES,
-        CONFIG_LEN,
+        empty_config(),
         memory.clone(),
         table.clone(),
     )

@@ -8,10 +8,12 @@
 //! its kicks accumulate in the kick eventfds until a backend is attached and the set-up is
 //! replayed.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use std::sync::{Arc, Mutex};
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
@@ -75,6 +77,31 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
+
+/// Where a device stands with respect to its backend (DESIGN.md "The core owns device
+/// state"); the guest cannot tell the states apart except by latency and, for `Empty`, by
+/// the config space of an absent device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// A backend is connected and has the guest's set-up.
+    Attached,
+    /// The backend died; a new one is being started. Kicks pile up in the eventfds.
+    Waiting,
+    /// No device in this slot (hotplug slot before `device_add` or after `device_del`).
+    Empty,
+}
+
+impl BackendState {
+    /// The name used on the control socket and in QMP.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Attached => "attached",
+            BackendState::Waiting => "waiting",
+            BackendState::Empty => "empty",
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,6 +170,33 @@ struct Backend {
     conn: Frontend,
     features: u64,
     protocol: Option<VhostUserProtocolFeatures>,
+    /// Our end of the backend request channel (a duplicate of what its thread reads).
+    channel: Option<OwnedFd>,
+}
+
+impl Backend {
+    fn has(&self, feature: VhostUserProtocolFeatures) -> bool {
+        self.protocol.is_some_and(|p| p.contains(feature))
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // The channel's thread also holds the backend's end of the socketpair, so it would
+        // never see a hang-up: shutting the socket down ends its read and the thread.
+        if let Some(fd) = &self.channel {
+            // SAFETY: shutdown on a socket we own; it only changes the socket's state.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// The inflight-tracking area (spec "Inflight I/O tracking"): allocated by the first backend
+/// after the guest started the device, kept by the core across backend restarts so the next
+/// backend can resubmit what its predecessor had in flight.
+struct Inflight {
+    info: VhostUserInflight,
+    file: File,
 }
 
 /// A virtio device whose data path is a vhost-user backend.
@@ -153,24 +207,28 @@ pub struct VhostUserDevice {
     offered_features: u64,
     acked_features: u64,
     config: Arc<Mutex<Vec<u8>>>,
+    /// The config space of an empty slot.
+    empty_config: Vec<u8>,
     memory: GuestMemory,
     memory_table: MemoryTable,
     kicks: Vec<EventFd>,
     interrupt: Arc<Mutex<Option<Arc<VirtioInterrupt>>>>,
     backend: Option<Backend>,
+    state: BackendState,
+    inflight: Option<Inflight>,
     active_queues: Option<Vec<QueueConfig>>,
 }
 
 impl VhostUserDevice {
     /// A device of `device_type` with `queue_sizes`, offering `offered_features` (the
-    /// backend's features are intersected with this when one is attached) and a config space
-    /// of `config_len` bytes.
+    /// backend's features are intersected with this when one is attached). `empty_config` is
+    /// the config space while no backend is attached (its length is the config's).
     pub fn new(
         name: &str,
         device_type: u32,
         queue_sizes: Vec<u16>,
         offered_features: u64,
-        config_len: usize,
+        empty_config: Vec<u8>,
         memory: GuestMemory,
         memory_table: MemoryTable,
     ) -> Result<Self, FrontendError> {
@@ -184,12 +242,15 @@ impl VhostUserDevice {
             queue_sizes,
             offered_features,
             acked_features: 0,
-            config: Arc::new(Mutex::new(vec![0; config_len])),
+            config: Arc::new(Mutex::new(empty_config.clone())),
+            empty_config,
             memory,
             memory_table,
             kicks,
             interrupt: Arc::default(),
             backend: None,
+            state: BackendState::Empty,
+            inflight: None,
             active_queues: None,
         })
     }
@@ -199,9 +260,82 @@ impl VhostUserDevice {
         self.backend.is_some()
     }
 
+    /// Where the device stands (attached, waiting for a restarted backend, empty slot).
+    pub fn state(&self) -> BackendState {
+        self.state
+    }
+
+    /// The device's name (its id or slot).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Connects a backend over `stream`: negotiates features and protocol features, reads its
-    /// config space, and when the guest has already started the device, replays the set-up.
+    /// config space, and when the guest has already started the device, replays the set-up and
+    /// kicks every queue (requests the guest queued meanwhile wait in the rings). A backend
+    /// still attached is dropped first. Filling an empty slot announces the new config space
+    /// to the guest (a disk's capacity appears); a failed attach leaves the device as it was
+    /// (empty or waiting) with no connection kept.
     pub fn attach(&mut self, stream: UnixStream) -> Result<(), FrontendError> {
+        self.backend = None;
+        if self.state == BackendState::Attached {
+            self.state = BackendState::Waiting;
+        }
+        let was_empty = self.state == BackendState::Empty;
+        let result = self.connect(stream);
+        if result.is_err() {
+            self.backend = None;
+            if was_empty {
+                lock(&self.config).copy_from_slice(&self.empty_config);
+            }
+            return result;
+        }
+        self.state = BackendState::Attached;
+        if self.active_queues.is_some() {
+            for (kick, _) in self.kicks.iter().zip(self.ready_queues()) {
+                // Ring the doorbell once: the new backend looks at every ring it was given.
+                let _ = kick.write(1);
+            }
+        }
+        if was_empty {
+            self.signal_config_change();
+        }
+        Ok(())
+    }
+
+    /// Drops the backend. `unplug` empties the slot (the guest sees the device's empty config
+    /// space, e.g. a disk of capacity 0, through a config-change interrupt); otherwise the
+    /// device waits for a replacement with all guest state intact.
+    pub fn detach(&mut self, unplug: bool) {
+        self.backend = None;
+        if unplug {
+            self.state = BackendState::Empty;
+            lock(&self.config).copy_from_slice(&self.empty_config);
+            self.signal_config_change();
+            log::info!("{}: backend detached, slot empty", self.name);
+        } else if self.state != BackendState::Empty {
+            self.state = BackendState::Waiting;
+            log::info!("{}: backend lost, waiting for a new one", self.name);
+        }
+    }
+
+    fn signal_config_change(&self) {
+        if let Some(interrupt) = lock(&self.interrupt).as_ref() {
+            interrupt.signal_config_change();
+        }
+    }
+
+    /// Indexes of the queues the guest made ready (none before activation).
+    fn ready_queues(&self) -> impl Iterator<Item = usize> + '_ {
+        self.active_queues
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, q)| q.ready)
+            .map(|(i, _)| i)
+    }
+
+    fn connect(&mut self, stream: UnixStream) -> Result<(), FrontendError> {
         let mut conn = Frontend::from_stream(stream, self.queue_sizes.len() as u64);
         conn.set_owner().map_err(req("SET_OWNER"))?;
         let features = conn.get_features().map_err(req("GET_FEATURES"))?;
@@ -223,13 +357,16 @@ impl VhostUserDevice {
         if protocol.is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG)) {
             refresh_config(&mut conn, &self.config).map_err(FrontendError::Config)?;
         }
-        if let Some(p) = protocol.filter(|p| p.contains(VhostUserProtocolFeatures::BACKEND_REQ)) {
-            self.start_backend_channel(&mut conn, p)?;
-        }
+        let channel = match protocol.filter(|p| p.contains(VhostUserProtocolFeatures::BACKEND_REQ))
+        {
+            Some(p) => Some(self.start_backend_channel(&mut conn, p)?),
+            None => None,
+        };
         self.backend = Some(Backend {
             conn,
             features,
             protocol,
+            channel,
         });
         if let Some(queues) = self.active_queues.clone() {
             self.setup_backend(&queues)?;
@@ -238,16 +375,15 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// Opens the backend request channel and serves it on a thread of its own.
-    ///
-    /// The handler keeps its copy of the backend's end of the socketpair, so the thread only
-    /// ends on a malformed message, not when the backend dies; the supervision issue (backend
-    /// restarts) must close it explicitly before attaching a new backend.
+    /// Opens the backend request channel and serves it on a thread of its own. Returns a
+    /// duplicate of the socket the thread reads: the handler keeps its copy of the backend's
+    /// end of the socketpair, so the thread would not see the backend die; dropping the
+    /// [`Backend`] shuts this socket down and so ends the thread.
     fn start_backend_channel(
         &self,
         conn: &mut Frontend,
         protocol: VhostUserProtocolFeatures,
-    ) -> Result<(), FrontendError> {
+    ) -> Result<OwnedFd, FrontendError> {
         let channel = BackendChannel {
             name: self.name.clone(),
             conn: Mutex::new(conn.clone()),
@@ -257,6 +393,13 @@ impl VhostUserDevice {
         let mut handler = FrontendReqHandler::new(Arc::new(channel))
             .map_err(|e| FrontendError::Config(format!("backend channel: {e}")))?;
         handler.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        // SAFETY: dup of the handler's open socket; the new descriptor is ours alone.
+        let ours = unsafe { libc::fcntl(handler.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if ours < 0 {
+            return Err(FrontendError::EventFd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `ours` was just returned by fcntl and is owned by nothing else.
+        let ours = unsafe { OwnedFd::from_raw_fd(ours) };
         conn.set_backend_request_fd(&Lent(handler.get_tx_raw_fd()))
             .map_err(req("SET_BACKEND_REQ_FD"))?;
         let name = self.name.clone();
@@ -270,6 +413,33 @@ impl VhostUserDevice {
                 }
             })
             .map_err(FrontendError::EventFd)?;
+        Ok(ours)
+    }
+
+    /// Hands the backend the inflight-tracking area: the one kept from an earlier backend, or
+    /// a new one the backend allocates (GET_INFLIGHT_FD) on the first start after a reset.
+    fn setup_inflight(&mut self) -> Result<(), FrontendError> {
+        let Some(backend) = self.backend.as_mut() else {
+            return Ok(());
+        };
+        if !backend.has(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            return Ok(());
+        }
+        if self.inflight.is_none() {
+            let queue_size = self.queue_sizes.iter().copied().max().unwrap_or(0);
+            let ask = VhostUserInflight::new(0, 0, self.queue_sizes.len() as u16, queue_size);
+            let (info, file) = backend
+                .conn
+                .get_inflight_fd(&ask)
+                .map_err(req("GET_INFLIGHT_FD"))?;
+            self.inflight = Some(Inflight { info, file });
+        }
+        if let Some(inflight) = &self.inflight {
+            backend
+                .conn
+                .set_inflight_fd(&inflight.info, inflight.file.as_raw_fd())
+                .map_err(req("SET_INFLIGHT_FD"))?;
+        }
         Ok(())
     }
 
@@ -288,6 +458,10 @@ impl VhostUserDevice {
             .conn
             .set_mem_table(self.memory_table.regions())
             .map_err(req("SET_MEM_TABLE"))?;
+        self.setup_inflight()?;
+        let Some(backend) = self.backend.as_mut() else {
+            return Ok(());
+        };
         for (index, q) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
             let conn = &mut backend.conn;
             conn.set_vring_num(index, q.size)
@@ -407,9 +581,12 @@ impl VirtioDevice for VhostUserDevice {
         match self.setup_backend(queues) {
             Ok(()) => Ok(()),
             Err(e) => {
-                // The backend is unusable; the device waits for a new one (supervision).
+                // The backend is unusable; the device waits for the supervisor to replace it
+                // (which replays this set-up). The guest sees a device that is merely slow.
                 self.backend = None;
-                Err(ActivateError(format!("{}: {e}", self.name)))
+                self.state = BackendState::Waiting;
+                log::warn!("{}: backend failed during activation: {e}", self.name);
+                Ok(())
             }
         }
     }
@@ -436,6 +613,8 @@ impl VirtioDevice for VhostUserDevice {
         }
         self.active_queues = None;
         self.acked_features = 0;
+        // A new driver starts with fresh rings: nothing of the old ones may be resubmitted.
+        self.inflight = None;
         // Drain kicks of the old rings so the next activation does not see stale ones.
         for k in &self.kicks {
             let _ = k.read();
