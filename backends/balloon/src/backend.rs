@@ -157,22 +157,16 @@ impl BalloonBackend {
         self.drain(vring, |mem, chain| {
             let head = chain.head_index();
             let mut released = 0;
-            let mut refused = 0;
+            let mut refused = Refused::default();
             let summary = read_pfns(mem, chain, |range| {
-                released += release::release_range(mem, range, &mut PunchHole, &mut |r| {
-                    refused += r.pages();
-                    self.refused("inflate", &r);
-                });
+                released +=
+                    release::release_range(mem, range, &mut PunchHole, &mut |r| refused.add(r));
             });
             self.counters
                 .released_pages
                 .fetch_add(released, Ordering::Relaxed);
-            self.counters
-                .refused_pages
-                .fetch_add(refused, Ordering::Relaxed);
-            self.counters.buffers.fetch_add(1, Ordering::Relaxed);
-            self.check_summary("inflate", head, summary);
-            log::debug!("inflate buffer {head}: {released} page(s) released, {refused} refused");
+            self.finish_buffer("inflate", head, summary, refused);
+            log::debug!("inflate buffer {head}: {released} page(s) released");
             Some(head)
         });
     }
@@ -184,16 +178,15 @@ impl BalloonBackend {
         self.drain(vring, |mem, chain| {
             let head = chain.head_index();
             let mut pages = 0;
+            let mut refused = Refused::default();
             let summary = read_pfns(mem, chain, |range| {
-                pages += release::release_range(mem, range, &mut CheckOnly, &mut |r| {
-                    self.refused("deflate", &r);
-                });
+                pages +=
+                    release::release_range(mem, range, &mut CheckOnly, &mut |r| refused.add(r));
             });
             self.counters
                 .deflated_pages
                 .fetch_add(pages, Ordering::Relaxed);
-            self.counters.buffers.fetch_add(1, Ordering::Relaxed);
-            self.check_summary("deflate", head, summary);
+            self.finish_buffer("deflate", head, summary, refused);
             log::debug!("deflate buffer {head}: {pages} page(s)");
             Some(head)
         });
@@ -261,11 +254,26 @@ impl BalloonBackend {
         }
     }
 
-    fn refused(&self, queue: &str, r: &Refusal) {
-        warn_limited!(self.warn, "{queue}: refused: {r}");
-    }
-
-    fn check_summary(&self, queue: &str, head: u16, summary: Result<pfn::ListSummary>) {
+    /// Counts a handled buffer and reports what was wrong with it, in one
+    /// rate-limited line per problem.
+    fn finish_buffer(
+        &self,
+        queue: &str,
+        head: u16,
+        summary: Result<pfn::ListSummary>,
+        refused: Refused,
+    ) {
+        self.counters.buffers.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .refused_pages
+            .fetch_add(refused.pages, Ordering::Relaxed);
+        if let Some(first) = &refused.first {
+            warn_limited!(
+                self.warn,
+                "{queue} buffer {head}: {} page(s) refused; first: {first}",
+                refused.pages
+            );
+        }
         match summary {
             Ok(s) if s.trailing_bytes != 0 => warn_limited!(
                 self.warn,
@@ -275,6 +283,21 @@ impl BalloonBackend {
             Ok(_) => {}
             Err(e) => warn_limited!(self.warn, "{queue} buffer {head}: {e}"),
         }
+    }
+}
+
+/// The pages of one buffer that were not released (or, on deflate, that
+/// name no guest memory).
+#[derive(Debug, Default)]
+struct Refused {
+    pages: u64,
+    first: Option<Refusal>,
+}
+
+impl Refused {
+    fn add(&mut self, r: Refusal) {
+        self.pages += r.pages();
+        self.first.get_or_insert(r);
     }
 }
 

@@ -173,7 +173,7 @@ mod tests {
             first: u64::from(u32::MAX),
             count: 1,
         };
-        assert_eq!(r.gpa(), GuestAddress(0xffff_ffff_000));
+        assert_eq!(r.gpa(), GuestAddress(0x0fff_ffff_f000));
     }
 
     fn bytes(pfns: &[u32]) -> Vec<u8> {
