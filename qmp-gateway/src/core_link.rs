@@ -49,6 +49,11 @@ impl CoreLink {
         Ok(link)
     }
 
+    /// Whether the core has gone (its end of the socket closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -14,8 +14,10 @@ use std::sync::Mutex;
 
 use serde_json::{json, Map, Value};
 
+use crate::hotplug::Hotplug;
 use crate::qmp::schema::STRATOVIRT_COMMANDS;
 use crate::qmp::{ClientCtx, CommandHandler, CommandSpec, EventBus, QmpError};
+use crate::supervisor::Supervisor;
 use vmm::trace;
 
 /// Why the gateway should stop.
@@ -42,12 +44,17 @@ pub const CORE_COMMANDS: &[&str] = &[
     "quit",
 ];
 
+/// flotilla's own commands (documented in docs/qmp.md).
+pub const VENDOR_COMMANDS: &[CommandSpec] = &[CommandSpec::bare("flotilla-query-backends")];
+
 /// Most fds `getfd` keeps at once.
 pub const MAX_NAMED_FDS: usize = 256;
 
 /// The gateway's [`CommandHandler`].
 pub struct GatewayHandler {
     core: Option<std::sync::Arc<crate::core_link::CoreLink>>,
+    hotplug: Option<std::sync::Arc<Hotplug>>,
+    supervisor: Option<std::sync::Arc<Supervisor>>,
     events: EventBus,
     shutdown: Mutex<Sender<Shutdown>>,
     named_fds: Mutex<HashMap<String, OwnedFd>>,
@@ -58,6 +65,8 @@ impl GatewayHandler {
     pub fn new(events: EventBus, shutdown: Sender<Shutdown>) -> Self {
         GatewayHandler {
             core: None,
+            hotplug: None,
+            supervisor: None,
             events,
             shutdown: Mutex::new(shutdown),
             named_fds: Mutex::default(),
@@ -73,6 +82,19 @@ impl GatewayHandler {
         GatewayHandler {
             core: Some(core),
             ..Self::new(events, shutdown)
+        }
+    }
+
+    /// Serves the hotplug commands through `hotplug` and lists `supervisor`'s backends.
+    pub fn with_hotplug(
+        self,
+        hotplug: std::sync::Arc<Hotplug>,
+        supervisor: std::sync::Arc<Supervisor>,
+    ) -> Self {
+        GatewayHandler {
+            hotplug: Some(hotplug),
+            supervisor: Some(supervisor),
+            ..self
         }
     }
 
@@ -169,7 +191,9 @@ impl GatewayHandler {
 
 impl CommandHandler for GatewayHandler {
     fn commands(&self) -> Vec<CommandSpec> {
-        STRATOVIRT_COMMANDS.to_vec()
+        let mut commands = STRATOVIRT_COMMANDS.to_vec();
+        commands.extend_from_slice(VENDOR_COMMANDS);
+        commands
     }
 
     fn execute(
@@ -187,9 +211,22 @@ impl CommandHandler for GatewayHandler {
             // it out with its status.
             return core.request(name, args, |queued| client.defer(queued));
         }
+        if let Some(hotplug) = &self.hotplug {
+            match name {
+                "blockdev-add" => return hotplug.blockdev_add(&args),
+                "blockdev-del" => return hotplug.blockdev_del(&args),
+                "device_add" => return hotplug.device_add(&args),
+                "device_del" => return hotplug.device_del(&args),
+                _ => {}
+            }
+        }
         match name {
             "getfd" => self.getfd(&args, &client),
             "quit" => self.quit(&client),
+            "flotilla-query-backends" => Ok(self
+                .supervisor
+                .as_ref()
+                .map_or_else(|| json!([]), |s| s.query())),
             _ => Err(QmpError::generic(format!(
                 "not yet implemented: {name} (issue 3: the core's control socket)"
             ))),

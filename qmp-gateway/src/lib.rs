@@ -7,5 +7,6 @@
 pub mod cli;
 pub mod core_link;
 pub mod gateway;
+pub mod hotplug;
 pub mod qmp;
 pub mod supervisor;

@@ -14,8 +14,11 @@ use nix::sys::signal::{SigSet, Signal};
 use qmp_gateway::cli::{self, CliAction, CliError, GatewayConfig, USAGE};
 use qmp_gateway::core_link::CoreLink;
 use qmp_gateway::gateway::{GatewayHandler, Shutdown};
+use qmp_gateway::hotplug::Hotplug;
 use qmp_gateway::qmp::{self, EventBus, ServerConfig, ServerError};
-use qmp_gateway::supervisor::launch_vm;
+use qmp_gateway::supervisor::launch::{drive_options, ColdBackend};
+use qmp_gateway::supervisor::spawn::sibling_program;
+use qmp_gateway::supervisor::{launch_vm, Supervisor};
 use serde_json::json;
 use std::os::unix::process::ExitStatusExt;
 
@@ -75,12 +78,18 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
         .map_err(|e| (format!("cannot serve the control socket: {e}"), 1))?;
     let core_pid = vm.core.id();
     watch_core(vm.core, shutdown_tx.clone())?;
-    reap_backends(vm.backends);
-    let handler = Arc::new(GatewayHandler::with_core(
+    let supervisor = Supervisor::new(core_link.clone(), Arc::new(events.clone()));
+    let hotplug = Arc::new(Hotplug::new(
+        supervisor.clone(),
+        core_link.clone(),
         events.clone(),
-        shutdown_tx,
-        core_link,
+        sibling_program("flotilla-blk", "FLOTILLA_BLK"),
     ));
+    adopt_backends(config, &supervisor, &hotplug, vm.backends)?;
+    let handler = Arc::new(
+        GatewayHandler::with_core(events.clone(), shutdown_tx, core_link)
+            .with_hotplug(hotplug, supervisor.clone()),
+    );
     let server = match qmp::start(
         &config.qmp,
         handler,
@@ -126,6 +135,7 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
         Shutdown::Quit => 0,
     };
     server.shutdown();
+    supervisor.shutdown();
     if let Some(path) = &config.pidfile {
         let _ = std::fs::remove_file(path);
     }
@@ -157,20 +167,30 @@ fn watch_core(mut core: std::process::Child, tx: Sender<Shutdown>) -> Result<(),
         .map_err(|e| (format!("cannot start the core watcher: {e}"), 1))
 }
 
-/// Reaps backends as they exit (they end when the core closes their socket), so none is
-/// left a zombie. Restarting them comes with the supervision issue.
-fn reap_backends(backends: Vec<(String, std::process::Child)>) {
-    for (id, mut child) in backends {
-        let spawned = std::thread::Builder::new()
-            .name(format!("reap-{id}"))
-            .spawn(move || match child.wait() {
-                Ok(status) => log::info!("backend '{id}' (pid {}) exited: {status}", child.id()),
-                Err(e) => log::error!("waiting for backend '{id}': {e}"),
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot watch a backend: {e}");
+/// Hands the backends started with the VM to the supervisor, and their disks to hotplug (so
+/// `device_del` works on them too).
+fn adopt_backends(
+    config: &GatewayConfig,
+    supervisor: &Arc<Supervisor>,
+    hotplug: &Hotplug,
+    backends: Vec<ColdBackend>,
+) -> Result<(), (String, u8)> {
+    for (slot, b) in backends.into_iter().enumerate() {
+        if let Some(drive) = config.drives.iter().find(|d| d.id == b.drive) {
+            let image = b
+                .spec
+                .fds
+                .first()
+                .and_then(|fd| fd.try_clone().ok())
+                .map(std::fs::File::from)
+                .ok_or_else(|| (format!("disk '{}': image descriptor lost", b.id), 1))?;
+            hotplug.register_cold_disk(&b.id, &b.drive, slot, drive_options(drive), image);
         }
+        supervisor
+            .adopt(&b.id, "virtio-blk-device", &b.slot, b.spec, b.pidfd)
+            .map_err(|e| (e, 1))?;
     }
+    Ok(())
 }
 
 /// `-daemonize`: forks; the parent waits until the child serves QMP (a byte on a pipe from

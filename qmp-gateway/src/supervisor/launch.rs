@@ -7,9 +7,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::Child;
 
+use super::backend::{blk_spec, BackendSpec, BlkOptions};
+use super::pidfd::Pidfd;
 use super::spawn::{sibling_program, spawn_with_fds, FIRST_CHILD_FD};
-use crate::cli::devices::{AioEngine, BlkDeviceConfig, DeviceConfig, DriveConfig};
+use crate::cli::devices::{AioEngine, DeviceConfig, DriveConfig};
 use crate::cli::{GatewayConfig, SerialConfig};
+
+/// Disk slots of microvm (the core's `blk0`..`blk5`), cold- and hot-plugged disks together.
+pub const BLK_SLOTS: usize = 6;
 
 /// Why the VM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +52,28 @@ impl LaunchError {
     }
 }
 
+/// A backend started with the VM (cold plug), to be handed to the [`super::Supervisor`].
+pub struct ColdBackend {
+    /// Device id.
+    pub id: String,
+    /// The `-drive` it serves.
+    pub drive: String,
+    /// The core's slot (`blk0`, ...): cold-plugged disks fill the first slots in order.
+    pub slot: String,
+    /// How to start it again.
+    pub spec: BackendSpec,
+    /// The running process.
+    pub pidfd: Pidfd,
+}
+
 /// The VM's processes.
 pub struct LaunchedVm {
     /// `flotilla-vmm`.
     pub core: Child,
     /// Our end of the control socket.
     pub control: UnixStream,
-    /// The backends, by device id.
-    pub backends: Vec<(String, Child)>,
+    /// The backends, in slot order.
+    pub backends: Vec<ColdBackend>,
 }
 
 struct Disk {
@@ -68,52 +87,25 @@ fn spawn_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchEr
     move |source| LaunchError::Spawn { what, source }
 }
 
-/// The flotilla-blk command line for a disk whose socket is fd 3 and image fd 4.
-fn blk_args(drive: &DriveConfig, dev: &BlkDeviceConfig) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "--fd".into(),
-        FIRST_CHILD_FD.to_string(),
-        "--image".into(),
-        drive.file.to_string_lossy().into_owned(),
-        "--image-fd".into(),
-        (FIRST_CHILD_FD + 1).to_string(),
-    ];
-    if drive.read_only {
-        args.push("--readonly".into());
-    }
-    if drive.direct {
-        args.push("--direct".into());
-    }
-    if let Some(q) = dev.num_queues {
-        args.extend(["--num-queues".into(), q.to_string()]);
-    }
-    if let Some(serial) = &dev.serial {
-        args.extend(["--serial".into(), serial.clone()]);
-    }
-    if let Some(iops) = drive.iops {
-        args.extend(["--iops-total".into(), iops.to_string()]);
-    }
-    if let Some(aio) = drive.aio {
-        let engine = match aio {
+/// `-drive`'s backend options (the device adds its own: serial, queues).
+pub fn drive_options(drive: &DriveConfig) -> BlkOptions {
+    BlkOptions {
+        image_name: drive.file.to_string_lossy().into_owned(),
+        read_only: drive.read_only,
+        direct: drive.direct,
+        iops: drive.iops,
+        aio: drive.aio.map(|aio| match aio {
             AioEngine::Native => "native",
             AioEngine::IoUring => "io_uring",
             AioEngine::Off => "sync",
-        };
-        args.extend(["--aio".into(), engine.into()]);
+        }),
+        ..BlkOptions::default()
     }
-    args
 }
 
-fn open_image(drive: &DriveConfig) -> Result<File, LaunchError> {
-    OpenOptions::new()
-        .read(true)
-        .write(!drive.read_only)
-        .open(&drive.file)
-        .map_err(|source| LaunchError::Image {
-            id: drive.id.clone(),
-            path: drive.file.display().to_string(),
-            source,
-        })
+/// Opens an image for a backend: read-write unless `read_only`.
+pub fn open_image(path: &std::path::Path, read_only: bool) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(!read_only).open(path)
 }
 
 /// The core's command line; disk `k`'s socket is inherited at fd 4+k (3 is the control socket).
@@ -169,6 +161,16 @@ pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
     let mut disks = Vec::new();
     let mut backends = Vec::new();
     let blk_program = sibling_program("flotilla-blk", "FLOTILLA_BLK");
+    let disk_count = config
+        .devices
+        .iter()
+        .filter(|d| matches!(d, DeviceConfig::Blk(_)))
+        .count();
+    if disk_count > BLK_SLOTS {
+        return Err(LaunchError::NotImplemented(format!(
+            "more than {BLK_SLOTS} disks (microvm has {BLK_SLOTS} disk slots, hot-plugged ones included); {disk_count} disks"
+        )));
+    }
     for (n, device) in config.devices.iter().enumerate() {
         let dev = match device {
             DeviceConfig::Blk(b) => b,
@@ -186,16 +188,33 @@ pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
             .ok_or_else(|| {
                 LaunchError::NotImplemented(format!("device '{id}' without its -drive"))
             })?;
-        let image = open_image(drive)?;
-        let (core_end, blk_end) = UnixStream::pair().map_err(spawn_err("a socketpair"))?;
-        let child = spawn_with_fds(&blk_program, &blk_args(drive, dev), &[&blk_end, &image])
+        let image =
+            open_image(&drive.file, drive.read_only).map_err(|source| LaunchError::Image {
+                id: drive.id.clone(),
+                path: drive.file.display().to_string(),
+                source,
+            })?;
+        let opts = BlkOptions {
+            num_queues: dev.num_queues,
+            serial: dev.serial.clone(),
+            ..drive_options(drive)
+        };
+        let spec = blk_spec(blk_program.clone(), &opts, image.into());
+        let inc = spec
+            .spawn()
             .map_err(spawn_err(format!("{} for '{id}'", blk_program.display())))?;
-        log::info!("disk '{id}': flotilla-blk pid {}", child.id());
-        backends.push((id.clone(), child));
+        log::info!("disk '{id}': flotilla-blk pid {}", inc.pidfd.pid());
+        backends.push(ColdBackend {
+            id: id.clone(),
+            drive: drive.id.clone(),
+            slot: format!("blk{}", disks.len()),
+            spec,
+            pidfd: inc.pidfd,
+        });
         disks.push(Disk {
             id,
             num_queues: dev.num_queues.unwrap_or(1),
-            core_end,
+            core_end: inc.core_end,
         });
     }
     let (control, core_control) =

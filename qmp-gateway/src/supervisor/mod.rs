@@ -49,6 +49,10 @@ pub trait CoreOps: Send + Sync {
     fn attach(&self, slot: &str, socket: &UnixStream) -> Result<(), String>;
     /// Detaches `slot`'s backend.
     fn detach(&self, slot: &str, unplug: bool) -> Result<(), String>;
+    /// Whether the core still runs (backends end by themselves when it goes).
+    fn alive(&self) -> bool {
+        true
+    }
 }
 
 impl CoreOps for CoreLink {
@@ -68,7 +72,16 @@ impl CoreOps for CoreLink {
             .map(drop)
             .map_err(|e| e.desc)
     }
+
+    fn alive(&self) -> bool {
+        !self.is_closed()
+    }
 }
+
+/// How long a backend that exited cleanly (its frontend hung up) waits before it counts as
+/// lost: when the core ends, its backends see the hang-up at the same moment the gateway
+/// sees the core's exit, and that is the VM ending, not a crash.
+const HANG_UP_GRACE: Duration = Duration::from_millis(100);
 
 /// Where the supervisor reports lost and restarted backends (the QMP event bus).
 pub trait EventSink: Send + Sync {
@@ -254,9 +267,23 @@ impl Supervisor {
     /// Stops device `id`'s backend for good and reaps it; its watcher ends too. Works in any
     /// phase, including while a restart is pending.
     pub fn stop(&self, id: &str) -> Result<(), String> {
+        self.stop_then(id, || ())
+    }
+
+    /// Like [`Supervisor::stop`], running `detach` once the backend is marked as stopping
+    /// but before it is signalled: a backend whose frontend hangs up exits by itself, and that
+    /// exit must not be mistaken for a crash.
+    pub fn stop_then(&self, id: &str, detach: impl FnOnce()) -> Result<(), String> {
         let Some(m) = self.backends().remove(id) else {
             return Err(format!("no backend for device '{id}'"));
         };
+        {
+            let mut st = m.state();
+            st.stop = true;
+            st.phase = BackendPhase::Stopping;
+        }
+        m.wake.notify_all();
+        detach();
         stop_managed(&m);
         Ok(())
     }
@@ -333,10 +360,13 @@ impl Supervisor {
                     return;
                 }
             };
+            if status == ExitStatus::Exited(0) && !m.state().stop {
+                std::thread::sleep(HANG_UP_GRACE);
+            }
             let restarts = {
                 let mut st = m.state();
                 st.pidfd = None;
-                if st.stop || self.shutting_down.load(Ordering::SeqCst) {
+                if st.stop || self.shutting_down.load(Ordering::SeqCst) || !self.core.alive() {
                     log::info!("backend '{}' (pid {}) ended: {status}", m.id, pidfd.pid());
                     return;
                 }
@@ -373,8 +403,10 @@ impl Supervisor {
                     let (pid, restarts) = {
                         let mut st = m.state();
                         if st.stop {
-                            // device_del came while the new one was being attached.
+                            // device_del came while the new one was being attached, and its
+                            // unplug may have reached the core first: empty the slot again.
                             drop(st);
+                            let _ = self.core.detach(&m.slot, true);
                             stop_process(&inc.pidfd);
                             return;
                         }
@@ -409,7 +441,7 @@ impl Supervisor {
                     .wake
                     .wait_timeout_while(st, *delay, |st| !st.stop)
                     .unwrap_or_else(|p| p.into_inner());
-                if st.stop || self.shutting_down.load(Ordering::SeqCst) {
+                if st.stop || self.shutting_down.load(Ordering::SeqCst) || !self.core.alive() {
                     return None;
                 }
             }

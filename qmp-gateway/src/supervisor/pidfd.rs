@@ -137,6 +137,8 @@ mod tests {
     use std::process::Command;
 
     #[test]
+    // The children are reaped through their pidfds, which clippy cannot see.
+    #[allow(clippy::zombie_processes)]
     fn waits_for_exit_codes_and_signals() {
         let child = Command::new("/bin/sh")
             .args(["-c", "exit 7"])
