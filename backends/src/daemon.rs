@@ -1,19 +1,21 @@
 //! Process lifecycle of a backend: signals, connecting, serving one frontend.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 
 use nix::sys::signal::{SigSet, Signal};
-use vhost::vhost_user::{Error as VuError, Listener};
+use vhost::vhost_user::Error as VuError;
 use vhost_user_backend::bitmap::BitmapReplace;
 use vhost_user_backend::{Error as DaemonError, VhostUserBackend, VhostUserDaemon};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::cli::{Connection, VhostUserArgs};
+use crate::inflight::InflightTracker;
+use crate::relay::Relay;
 use crate::sandbox::Sandbox;
-use crate::{relay, Error, Result};
+use crate::{Error, Result};
 
 /// The socket path to unlink when a signal ends the process.
 static SOCKET_PATH: OnceLock<PathBuf> = OnceLock::new();
@@ -56,22 +58,14 @@ pub fn prepare(program: &'static str, args: &VhostUserArgs) -> Result<()> {
 ///
 /// Order: create the daemon (which starts one worker thread per entry of
 /// `queues_per_thread`), run `setup` with it (the device registers its extra
-/// event fds on the worker epoll loops there), get the listening socket or
-/// the inherited fd ready, enter `sandbox`, then accept and serve until the
-/// frontend disconnects. A disconnect is a normal end and returns `Ok`; the
+/// event fds on the worker epoll loops there), get the connection ready
+/// (with `--socket-path`, wait for the frontend to connect and remove the
+/// path), enter `sandbox`, then serve until the frontend disconnects.
+/// Nothing the frontend sends is read before the sandbox is entered. A
+/// disconnect is a normal end and returns `Ok`; the
 /// worker threads are told to exit through the backend's `exit_event`.
 ///
-/// TODO(inflight): DESIGN.md requires our backends to implement vhost-user
-/// inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
-/// GET_INFLIGHT_FD / SET_INFLIGHT_FD, spec section "Inflight I/O tracking")
-/// so that a restarted backend resubmits what its predecessor had in flight.
-/// `vhost-user-backend` 0.24 answers both messages with an error and keeps
-/// its request handler private, so this function is where it has to go in:
-/// serve with our own `VhostUserBackendReqHandler` wrapping the library's
-/// (or intercept the two messages on the relayed control stream), keep the
-/// shared inflight region per queue, expose to the device a "mark
-/// descriptor inflight / done" API around `pop_descriptor_chain` /
-/// `add_used`, and resubmit recorded heads in order when a queue starts.
+/// Inflight I/O tracking is not offered; see [`serve_tracked`].
 pub fn serve<T, F>(
     name: &str,
     backend: T,
@@ -86,27 +80,51 @@ where
     T::Vring: Clone + Send + Sync,
     F: FnOnce(&VhostUserDaemon<T>) -> std::result::Result<(), String>,
 {
+    serve_tracked(name, backend, mem, connection, sandbox, None, setup)
+}
+
+/// [`serve`], with vhost-user inflight I/O tracking when `inflight` is
+/// given: the connection then offers VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
+/// and GET/SET_INFLIGHT_FD are answered through `inflight` (by the relay,
+/// see docs/decisions/inflight-tracking.md). The device serves each queue
+/// through [`InflightTracker::queue`]. A backend that does not track what
+/// it has in flight must pass `None`, so that it never offers the feature.
+pub fn serve_tracked<T, F>(
+    name: &str,
+    backend: T,
+    mem: GuestMemoryAtomic<GuestMemoryMmap<T::Bitmap>>,
+    connection: &Connection,
+    sandbox: &dyn Sandbox,
+    inflight: Option<Arc<InflightTracker>>,
+    setup: F,
+) -> Result<()>
+where
+    T: VhostUserBackend + Clone + 'static,
+    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    T::Vring: Clone + Send + Sync,
+    F: FnOnce(&VhostUserDaemon<T>) -> std::result::Result<(), String>,
+{
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
     setup(&daemon).map_err(Error::Setup)?;
 
-    let mut listener = match connection {
+    // Every connection goes through the relay (crate::relay says why).
+    let relay = match connection {
         Connection::SocketPath(path) => {
-            let listener = Listener::new(path, true).map_err(|source| Error::Listen {
-                path: path.clone(),
-                source,
-            })?;
             let _ = SOCKET_PATH.set(path.clone());
-            log::info!("listening on {}", path.display());
-            listener
+            Relay::accept_on(path, inflight).map_err(|e| Error::Listen {
+                path: path.clone(),
+                source: VuError::SocketError(e),
+            })?
         }
         Connection::Fd(fd) => {
-            relay::listener_for_fd(*fd).map_err(|source| Error::BadFd { fd: *fd, source })?
+            Relay::for_fd(*fd, inflight).map_err(|source| Error::BadFd { fd: *fd, source })?
         }
     };
 
     sandbox.enter()?;
 
+    let (mut listener, relay) = relay.start().map_err(Error::Relay)?;
     let result = daemon.start(&mut listener).and_then(|()| {
         log::info!("frontend connected");
         daemon.wait()
@@ -116,6 +134,9 @@ where
     }
     if let Some(path) = SOCKET_PATH.get() {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(why) = relay.failure() {
+        return Err(Error::Inflight(why));
     }
     match result {
         Ok(())

@@ -15,11 +15,16 @@
 //! - [`daemon::prepare`]: signal handling (SIGTERM/SIGINT end the process);
 //! - [`daemon::serve`]: connect, run the [`sandbox::Sandbox`] hook, serve one
 //!   frontend connection until it goes away.
+//! - [`inflight`] and [`chain`]: vhost-user inflight I/O tracking (through
+//!   [`daemon::serve_tracked`]), so a restarted backend resubmits what its
+//!   predecessor had in flight.
 
 #![warn(missing_docs)]
 
+pub mod chain;
 pub mod cli;
 pub mod daemon;
+pub mod inflight;
 pub mod logger;
 mod relay;
 pub mod sandbox;
@@ -78,6 +83,10 @@ pub enum Error {
     /// The sandbox could not be entered.
     #[error("sandbox: {0}")]
     Sandbox(String),
+    /// An inflight-tracking message could not be served, and the relay
+    /// ended the connection.
+    #[error("inflight tracking: {0}")]
+    Inflight(String),
 }
 
 /// Result alias of this crate.
