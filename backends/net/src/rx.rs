@@ -1,0 +1,474 @@
+//! The receive queue: frames from the tap into the guest's buffers.
+//!
+//! The tap fd sits in the worker's epoll edge-triggered, so the worker is
+//! woken when frames arrive and reads until the tap says EAGAIN or the
+//! guest runs out of buffers; it never spins on a tap it cannot empty. A
+//! guest kick (new buffers) restarts reading.
+//!
+//! Frames go straight from the tap into guest memory with one `readv`
+//! over the iovecs of the popped chains: with MRG_RXBUF over as many
+//! chains as a 64 KiB frame could need, without it into one chain. Only
+//! when the guest has posted less room than that does a frame go through a
+//! bounce buffer, to be copied once its length is known (and kept until
+//! the guest posts enough, or dropped if the whole ring cannot hold it).
+//!
+//! Chains are completed strictly in the order they were popped, good or
+//! bad: after a backend crash the core restarts the ring at the used
+//! index, which is only right if nothing was used ahead of an older chain.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_backend::logger::RateLimiter;
+use flotilla_backend::warn_limited;
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::chain::{self, Direction, Limits, Segment};
+use crate::config::Negotiated;
+use crate::header::{fix_rx, HEADER_LEN, MAX_BUFFER};
+use crate::ring;
+use crate::stats::Stats;
+use crate::tap::Tap;
+use crate::GuestMem;
+
+/// Frames per pass; between passes the vring lock is released so that the
+/// frontend's GET_VRING_BASE is not held off by a busy queue.
+const BATCH: usize = 256;
+/// Most pieces one receive chain may have (Linux uses at most 2 for
+/// mergeable buffers and MAX_SKB_FRAGS + 2 for big packets).
+const MAX_CHAIN_SEGMENTS: usize = 64;
+/// Most iovecs one `readv` takes (UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
+/// Guest-triggered warnings: at most this many per second.
+const WARN_BURST: u32 = 10;
+
+/// A popped receive chain.
+#[derive(Debug, Clone)]
+struct RxChain {
+    head: u16,
+    /// Index range into the pass's `iov` / `segs`.
+    start: usize,
+    end: usize,
+    /// Usable bytes (capped at [`MAX_BUFFER`]).
+    len: usize,
+    /// Malformed: returned with length 0 when it reaches the front.
+    bad: bool,
+}
+
+/// The chains popped in one pass and not yet used, in pop order.
+#[derive(Default)]
+struct Popped {
+    chains: VecDeque<RxChain>,
+    iov: Vec<libc::iovec>,
+    segs: Vec<Segment>,
+    /// Usable bytes of the good chains before the first bad one.
+    room: usize,
+    /// A bad chain is queued: pop nothing more until it is at the front.
+    blocked: bool,
+}
+
+/// Why a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The tap has nothing more (or failed): wait for its next edge.
+    TapEmpty,
+    /// Not enough guest buffers: wait for a kick.
+    NoBuffers,
+    /// The pass did [`BATCH`] frames: run another.
+    BatchFull,
+    /// The queue is stopped or disabled.
+    NotReady,
+}
+
+/// The receive queue's worker state.
+pub struct RxQueue {
+    tap: Arc<Tap>,
+    stats: Arc<Stats>,
+    warn: Mutex<RateLimiter>,
+    bounce: Vec<u8>,
+    /// Length of a frame waiting in `bounce` for guest buffers.
+    pending: Option<usize>,
+}
+
+impl RxQueue {
+    /// A receive queue reading from `tap`.
+    pub fn new(tap: Arc<Tap>, stats: Arc<Stats>) -> Self {
+        RxQueue {
+            tap,
+            stats,
+            warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
+            bounce: vec![0u8; MAX_BUFFER],
+            pending: None,
+        }
+    }
+
+    /// Forgets a frame held for the guest (features renegotiated, reset).
+    pub fn reset(&mut self) {
+        self.pending = None;
+    }
+
+    /// Moves frames from the tap to the guest until one side runs dry.
+    pub fn process(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        neg: Negotiated,
+        event_idx: bool,
+    ) {
+        while self.pass(vring, mem, neg, event_idx) == Stop::BatchFull {}
+    }
+
+    fn pass(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        neg: Negotiated,
+        event_idx: bool,
+    ) -> Stop {
+        let guard = mem.memory();
+        let m: &GuestMem = &guard;
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Stop::NotReady;
+        }
+        let old_used = state.get_queue().next_used();
+        let mut p = Popped::default();
+        let stop = self.fill(&mut state, m, neg, event_idx, &mut p);
+        // Unused chains go back to the avail ring: they are the most
+        // recently popped, so stepping next_avail back returns exactly them.
+        let q = state.get_queue_mut();
+        let back = p.chains.len() as u16;
+        q.set_next_avail(q.next_avail().wrapping_sub(back));
+        if ring::needs_signal(m, state.get_queue(), old_used, event_idx) {
+            if let Err(e) = state.signal_used_queue() {
+                log::error!("rx: signalling the guest: {e}");
+            }
+        }
+        stop
+    }
+
+    fn fill(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        neg: Negotiated,
+        event_idx: bool,
+        p: &mut Popped,
+    ) -> Stop {
+        let mrg = neg.mrg_rxbuf();
+        let mut frames = 0;
+        loop {
+            if frames == BATCH {
+                return Stop::BatchFull;
+            }
+            self.complete_bad_front(state, m, p);
+            if let Some(len) = self.pending {
+                self.top_up(state, m, mrg, len, p);
+                if self.deliverable(mrg, len, p) {
+                    self.deliver_bounce(state, m, neg, len, p);
+                    self.pending = None;
+                    frames += 1;
+                    continue;
+                }
+                // More buffers cannot help if the ring is all popped, the
+                // iovec budget is spent, a bad chain stops the popping, or
+                // the frame must fit one chain (no MRG_RXBUF).
+                let ring_size = usize::from(state.get_queue().size());
+                let cannot_grow = p.chains.len() >= ring_size
+                    || p.iov.len() + MAX_CHAIN_SEGMENTS > MAX_IOVECS
+                    || p.blocked
+                    || (!mrg && !p.chains.is_empty());
+                if cannot_grow {
+                    // Larger than everything the guest can post at once.
+                    Stats::add(&self.stats.rx_dropped, 1);
+                    warn_limited!(
+                        self.warn,
+                        "rx: {len}-byte frame larger than the guest's receive buffers; dropped"
+                    );
+                    self.pending = None;
+                    continue;
+                }
+                if !self.wait_for_buffers(state, m, event_idx) {
+                    return Stop::NoBuffers;
+                }
+                continue;
+            }
+            let want = if mrg { MAX_BUFFER } else { 1 };
+            self.top_up(state, m, mrg, want, p);
+            if p.room == 0 {
+                if !p.chains.is_empty() {
+                    // Only a bad chain: it is completed at the loop top.
+                    continue;
+                }
+                if !self.wait_for_buffers(state, m, event_idx) {
+                    return Stop::NoBuffers;
+                }
+                continue;
+            }
+            let direct = !mrg || p.room >= MAX_BUFFER;
+            let result = if direct {
+                let end = if mrg {
+                    self.good_prefix_end(p)
+                } else {
+                    p.chains[0].end
+                };
+                self.tap.readv(&p.iov[..end])
+            } else {
+                let iov = [libc::iovec {
+                    iov_base: self.bounce.as_mut_ptr().cast(),
+                    iov_len: self.bounce.len(),
+                }];
+                self.tap.readv(&iov)
+            };
+            let n = match result {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Stop::TapEmpty,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    Stats::add(&self.stats.rx_errors, 1);
+                    warn_limited!(self.warn, "rx: reading the tap: {e}");
+                    return Stop::TapEmpty;
+                }
+            };
+            let room = if direct {
+                if mrg {
+                    p.room
+                } else {
+                    p.chains[0].len
+                }
+            } else {
+                self.bounce.len()
+            };
+            if n > room || n < HEADER_LEN {
+                // The tap truncates a frame that does not fit (and reports
+                // its full length): without MRG_RXBUF the guest posted
+                // buffers smaller than its MTU allows.
+                Stats::add(&self.stats.rx_dropped, 1);
+                warn_limited!(
+                    self.warn,
+                    "rx: {n}-byte frame does not fit a {room}-byte receive buffer; dropped"
+                );
+                continue;
+            }
+            if direct {
+                self.complete_frame(state, m, neg, n, p);
+                frames += 1;
+            } else {
+                self.pending = Some(n);
+            }
+        }
+    }
+
+    /// Whether the chains popped so far can take a pending frame of `len`.
+    fn deliverable(&self, mrg: bool, len: usize, p: &Popped) -> bool {
+        if mrg {
+            p.room >= len
+        } else {
+            p.chains.front().is_some_and(|c| !c.bad && c.len >= len)
+        }
+    }
+
+    /// Asks the driver for a kick when it posts buffers; true if some
+    /// arrived meanwhile (pop again), false to wait for the kick.
+    ///
+    /// Called with every available chain popped, so EVENT_IDX's
+    /// avail_event lands on the driver's current index: its next post kicks.
+    fn wait_for_buffers(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        event_idx: bool,
+    ) -> bool {
+        if !event_idx {
+            // Notifications are never disabled without EVENT_IDX.
+            return false;
+        }
+        matches!(state.get_queue_mut().enable_notification(m), Ok(true))
+    }
+
+    /// Pops chains until their room reaches `want` bytes, the ring is
+    /// empty, a bad chain is queued, or the iovec budget is spent.
+    fn top_up(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        mrg: bool,
+        want: usize,
+        p: &mut Popped,
+    ) {
+        // Without MRG_RXBUF a frame goes into one chain: one is enough.
+        let enough = |p: &Popped| {
+            if mrg {
+                p.room >= want
+            } else {
+                !p.chains.is_empty()
+            }
+        };
+        while !p.blocked && !enough(p) && p.iov.len() + MAX_CHAIN_SEGMENTS <= MAX_IOVECS {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(m) else {
+                return;
+            };
+            let head = chain.head_index();
+            let start = p.iov.len();
+            let limits = Limits {
+                max_segments: MAX_CHAIN_SEGMENTS,
+                max_len: MAX_BUFFER,
+                truncate: true,
+            };
+            let gathered = chain::gather(
+                chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
+                m,
+                Direction::DeviceWrites,
+                &limits,
+                &mut p.iov,
+                &mut p.segs,
+            );
+            let (len, bad) = match gathered {
+                Ok(g) if g.len >= HEADER_LEN => (g.len, None),
+                Ok(g) => {
+                    // Keep the (useless) segments out of the readv.
+                    p.iov.truncate(start);
+                    p.segs.truncate(start);
+                    (0, Some(format!("{} bytes cannot hold the header", g.len)))
+                }
+                Err(e) => (0, Some(e.to_string())),
+            };
+            if let Some(why) = &bad {
+                Stats::add(&self.stats.rx_bad_buffers, 1);
+                warn_limited!(self.warn, "rx: receive chain {head} refused: {why}");
+            }
+            let rx = RxChain {
+                head,
+                start,
+                end: p.iov.len(),
+                len,
+                bad: bad.is_some(),
+            };
+            if rx.bad {
+                p.blocked = true;
+            } else {
+                p.room += rx.len;
+            }
+            p.chains.push_back(rx);
+        }
+    }
+
+    /// End (in `iov`) of the good chains before the first bad one.
+    fn good_prefix_end(&self, p: &Popped) -> usize {
+        p.chains
+            .iter()
+            .take_while(|c| !c.bad)
+            .last()
+            .map(|c| c.end)
+            .unwrap_or(0)
+    }
+
+    /// Completes bad chains that reached the front, with length 0.
+    fn complete_bad_front(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        p: &mut Popped,
+    ) {
+        while p.chains.front().is_some_and(|c| c.bad) {
+            if let Some(c) = p.chains.pop_front() {
+                self.use_chains(state, m, &[(c.head, 0)]);
+            }
+            p.blocked = p.chains.iter().any(|c| c.bad);
+            p.room = p.chains.iter().take_while(|c| !c.bad).map(|c| c.len).sum();
+        }
+    }
+
+    /// Completes the frame of `n` bytes the tap wrote over the front chains.
+    fn complete_frame(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        neg: Negotiated,
+        n: usize,
+        p: &mut Popped,
+    ) {
+        let mut used = Vec::with_capacity(4);
+        let mut left = n;
+        for c in p.chains.iter() {
+            let take = c.len.min(left);
+            used.push((c.head, take as u32));
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        let first = &p.chains[0];
+        let mut hdr = [0u8; HEADER_LEN];
+        if chain::read_prefix(m, &p.segs[first.start..first.end], &mut hdr) {
+            fix_rx(&mut hdr, &neg, used.len() as u16);
+            chain::write_prefix(m, &p.segs[first.start..first.end], &hdr);
+        }
+        for c in p.chains.drain(..used.len()) {
+            p.room -= c.len;
+        }
+        self.use_chains(state, m, &used);
+        Stats::add(&self.stats.rx_packets, 1);
+        Stats::add(&self.stats.rx_bytes, (n - HEADER_LEN) as u64);
+    }
+
+    /// Copies the bounced frame of `len` bytes into the front chains.
+    fn deliver_bounce(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        neg: Negotiated,
+        len: usize,
+        p: &mut Popped,
+    ) {
+        let mut used = Vec::with_capacity(4);
+        let mut at = 0;
+        for c in p.chains.iter() {
+            let take = c.len.min(len - at);
+            let ok = chain::copy_in(m, &p.segs[c.start..c.end], &self.bounce[at..at + take]);
+            if !ok {
+                // Checked when popped; only a memory table change in
+                // between could get here. The bytes are lost, not the chain.
+                warn_limited!(self.warn, "rx: receive buffer vanished");
+            }
+            used.push((c.head, take as u32));
+            at += take;
+            if at == len {
+                break;
+            }
+        }
+        let first = &p.chains[0];
+        let mut hdr = [0u8; HEADER_LEN];
+        hdr.copy_from_slice(&self.bounce[..HEADER_LEN]);
+        fix_rx(&mut hdr, &neg, used.len() as u16);
+        chain::write_prefix(m, &p.segs[first.start..first.end], &hdr);
+        for c in p.chains.drain(..used.len()) {
+            p.room -= c.len;
+        }
+        self.use_chains(state, m, &used);
+        Stats::add(&self.stats.rx_packets, 1);
+        Stats::add(&self.stats.rx_bytes, (len - HEADER_LEN) as u64);
+    }
+
+    /// Puts `used` (head, length) into the used ring and publishes them at once.
+    fn use_chains(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        used: &[(u16, u32)],
+    ) {
+        let q = state.get_queue_mut();
+        for (i, (head, len)) in used.iter().enumerate() {
+            if let Err(e) = ring::write_used(m, q, i as u16, *head, *len) {
+                log::error!("rx: writing the used ring: {e}");
+            }
+        }
+        if let Err(e) = ring::publish(m, q, used.len() as u16) {
+            log::error!("rx: publishing the used ring: {e}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The transmit queue: frames from the guest's chains onto the tap.
+//!
+//! Each chain is one frame, header first; it goes to the tap with one
+//! `writev` over iovecs into guest memory, no copy. Chains complete in
+//! the order they were popped (used length 0: the device writes nothing),
+//! so the core may restart the ring at the used index after a crash; a
+//! frame written just before a crash is then sent twice, which a network
+//! tolerates.
+//!
+//! A malformed chain (a device-writable descriptor, a buffer outside guest
+//! memory, too many pieces, shorter than a header and an Ethernet header,
+//! longer than any frame, or a header using offloads the driver did not
+//! negotiate) is completed without being sent and counted. If the tap
+//! cannot take a frame (EAGAIN), the chain goes back to the ring and the
+//! queue waits for the tap to become writable.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_backend::logger::RateLimiter;
+use flotilla_backend::warn_limited;
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::chain::{self, Direction, Limits, Segment};
+use crate::config::Negotiated;
+use crate::header::{check_tx, NetHeader, ETH_HLEN, HEADER_LEN, MAX_BUFFER};
+use crate::stats::Stats;
+use crate::tap::Tap;
+use crate::GuestMem;
+
+/// Chains per pass; between passes the vring lock is released.
+const BATCH: usize = 256;
+/// Most pieces of one transmit chain (Linux uses up to MAX_SKB_FRAGS + 2).
+pub const MAX_CHAIN_SEGMENTS: usize = 64;
+/// Guest-triggered warnings: at most this many per second.
+const WARN_BURST: u32 = 10;
+
+/// Why a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The avail ring is empty.
+    Empty,
+    /// The tap is full: wait until it is writable.
+    TapFull,
+    /// The pass did [`BATCH`] chains: run another.
+    BatchFull,
+    /// The queue is stopped or disabled.
+    NotReady,
+}
+
+/// Why a transmit chain was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// The descriptors themselves.
+    #[error(transparent)]
+    Chain(#[from] chain::ChainError),
+    /// Too short for a header and an Ethernet header.
+    #[error("{0} bytes is too short for a frame")]
+    TooShort(usize),
+    /// The header asks for something not negotiated.
+    #[error(transparent)]
+    Header(#[from] crate::header::HeaderError),
+    /// The header could not be read.
+    #[error("header unreadable")]
+    HeaderUnreadable,
+}
+
+/// Checks one transmit chain (already gathered into `segs`, `len` bytes).
+pub fn check_chain(
+    m: &GuestMem,
+    segs: &[Segment],
+    len: usize,
+    neg: &Negotiated,
+) -> Result<(), TxError> {
+    if len < HEADER_LEN + ETH_HLEN {
+        return Err(TxError::TooShort(len));
+    }
+    let mut hdr = [0u8; HEADER_LEN];
+    if !chain::read_prefix(m, segs, &mut hdr) {
+        return Err(TxError::HeaderUnreadable);
+    }
+    check_tx(&NetHeader::from_bytes(&hdr), neg, len - HEADER_LEN)?;
+    Ok(())
+}
+
+/// The transmit queue's worker state.
+pub struct TxQueue {
+    tap: Arc<Tap>,
+    stats: Arc<Stats>,
+    warn: Mutex<RateLimiter>,
+}
+
+impl TxQueue {
+    /// A transmit queue writing to `tap`.
+    pub fn new(tap: Arc<Tap>, stats: Arc<Stats>) -> Self {
+        TxQueue {
+            tap,
+            stats,
+            warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
+        }
+    }
+
+    /// Sends what the guest queued until the ring is empty or the tap full.
+    pub fn process(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        neg: Negotiated,
+        event_idx: bool,
+    ) {
+        while self.pass(vring, mem, neg, event_idx) == Stop::BatchFull {}
+    }
+
+    fn pass(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        neg: Negotiated,
+        event_idx: bool,
+    ) -> Stop {
+        let guard = mem.memory();
+        let m: &GuestMem = &guard;
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Stop::NotReady;
+        }
+        let mut iov = Vec::with_capacity(MAX_CHAIN_SEGMENTS);
+        let mut segs = Vec::with_capacity(MAX_CHAIN_SEGMENTS);
+        let mut used = false;
+        let mut done = 0;
+        let stop = loop {
+            if done == BATCH {
+                break Stop::BatchFull;
+            }
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(m) else {
+                if event_idx && matches!(state.get_queue_mut().enable_notification(m), Ok(true))
+                {
+                    continue;
+                }
+                break Stop::Empty;
+            };
+            done += 1;
+            let head = chain.head_index();
+            iov.clear();
+            segs.clear();
+            let limits = Limits {
+                max_segments: MAX_CHAIN_SEGMENTS,
+                max_len: MAX_BUFFER,
+                truncate: false,
+            };
+            let checked = chain::gather(
+                chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
+                m,
+                Direction::DeviceReads,
+                &limits,
+                &mut iov,
+                &mut segs,
+            )
+            .map_err(TxError::from)
+            .and_then(|g| check_chain(m, &segs, g.len, &neg).map(|()| g.len));
+            match checked {
+                Err(e) => {
+                    Stats::add(&self.stats.tx_bad_chains, 1);
+                    warn_limited!(self.warn, "tx: chain {head} dropped: {e}");
+                }
+                Ok(len) => match self.send(&iov) {
+                    Ok(()) => {
+                        Stats::add(&self.stats.tx_packets, 1);
+                        Stats::add(&self.stats.tx_bytes, (len - HEADER_LEN) as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        state.get_queue_mut().go_to_previous_position();
+                        break Stop::TapFull;
+                    }
+                    Err(e) => {
+                        Stats::add(&self.stats.tx_errors, 1);
+                        warn_limited!(self.warn, "tx: the tap refused a frame: {e}");
+                    }
+                },
+            }
+            complete(&mut state, head);
+            used = true;
+        };
+        if used {
+            signal(&mut state, event_idx);
+        }
+        stop
+    }
+
+    fn send(&self, iov: &[libc::iovec]) -> io::Result<()> {
+        loop {
+            match self.tap.writev(iov) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    }
+}
+
+fn complete(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, head: u16) {
+    if let Err(e) = state.add_used(head, 0) {
+        log::error!("tx: add_used({head}): {e}");
+    }
+}
+
+fn signal(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, event_idx: bool) {
+    let needed = !event_idx || state.needs_notification().unwrap_or(true);
+    if needed {
+        if let Err(e) = state.signal_used_queue() {
+            log::error!("tx: signalling the guest: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn mem() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn seg(addr: u64, len: usize) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    #[test]
+    fn frames_need_a_header_and_an_ethernet_header() {
+        let m = mem();
+        let neg = Negotiated::default();
+        let r = check_chain(&m, &[seg(0, 25)], 25, &neg);
+        assert!(matches!(r, Err(TxError::TooShort(25))));
+        assert!(check_chain(&m, &[seg(0, 26)], 26, &neg).is_ok());
+    }
+
+    #[test]
+    fn header_split_over_descriptors_is_read_whole() {
+        let m = mem();
+        // NEEDS_CSUM in byte 0 of a header split 1 + 11.
+        m.write_obj(1u8, GuestAddress(0x100)).unwrap();
+        let segs = [seg(0x100, 1), seg(0x200, 11), seg(0x300, 60)];
+        let r = check_chain(&m, &segs, 72, &Negotiated::default());
+        assert!(matches!(
+            r,
+            Err(TxError::Header(
+                crate::header::HeaderError::CsumNotNegotiated
+            ))
+        ));
+    }
+}
