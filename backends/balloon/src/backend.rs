@@ -90,6 +90,14 @@ impl BalloonBackend {
     /// Builds the device; `mem` is the memory the daemon will fill in.
     pub fn new(opts: BackendOptions, mem: GuestMemoryAtomic<GuestMem>) -> Result<Self> {
         let timer = TimerFd::new().map_err(|e| Error::Timer(e.into()))?;
+        // Non-blocking, so that reading a timer re-armed after epoll saw it
+        // fire returns EAGAIN instead of stalling the worker until the new
+        // expiry.
+        nix::fcntl::fcntl(
+            timer.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| Error::Timer(e.into()))?;
         Ok(BalloonBackend {
             opts,
             mem: Mutex::new(mem),
@@ -227,7 +235,8 @@ impl BalloonBackend {
     /// Stats timer: give the held buffer back, which asks the driver to
     /// refill it. A ring that is stopped or disabled keeps it; try later.
     fn stats_due(&self, vring: &VringRwLock, worker: &mut Worker) {
-        // A failed read only means the timer was re-armed meanwhile.
+        // EAGAIN only means the timer was re-armed meanwhile; the held
+        // buffer's age is what counts, and it is checked below.
         let _ = worker.timer.wait();
         if !worker.stats.holding() {
             return;

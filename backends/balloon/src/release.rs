@@ -200,6 +200,8 @@ pub fn check_host_page_size() -> Result<(), crate::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::MemFdCreateFlag;
     use std::os::unix::fs::MetadataExt;
     use vm_memory::FileOffset;
 
@@ -321,6 +323,36 @@ mod tests {
         let mut buf = [0u8; 2];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0xffff).unwrap();
         assert_eq!(buf, [0xaa, 0]);
+    }
+
+    /// A memfd sealed the way the core seals guest memory
+    /// (vmm/src/vstate/memory.rs), plus `extra` seals.
+    fn sealed_memfd(extra: SealFlag) -> File {
+        let fd = nix::sys::memfd::memfd_create(
+            c"balloon-sealed",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let f = File::from(fd);
+        f.set_len(0x4000).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1; 0x4000], 0).unwrap();
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | extra;
+        fcntl(f.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).unwrap();
+        fcntl(f.as_raw_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SEAL)).unwrap();
+        f
+    }
+
+    #[test]
+    fn the_cores_seals_allow_punching_and_a_write_seal_would_not() {
+        let f = sealed_memfd(SealFlag::empty());
+        PunchHole.punch(&f, 0x1000, 0x2000).unwrap();
+        assert_eq!(f.metadata().unwrap().blocks(), 0x2000 / 512);
+        // F_SEAL_WRITE is the seal that must never be added.
+        let f = sealed_memfd(SealFlag::F_SEAL_WRITE);
+        assert_eq!(
+            PunchHole.punch(&f, 0x1000, 0x1000),
+            Err(nix::errno::Errno::EPERM)
+        );
     }
 
     #[test]
