@@ -8,69 +8,12 @@ SHUTDOWN event -> flotilla exits 0. Plain sockets and JSON, no QMP library: this
 `ncat -U` users see. Prints LIFECYCLE-OK on success; any failure raises.
 """
 import argparse
-import json
 import os
 import socket
 import subprocess
 import sys
-import time
 
-
-class Qmp:
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-        self.events = []
-        greeting = self.recv()
-        assert greeting["QMP"]["version"]["qemu"]["major"] >= 5, greeting
-        assert self.cmd("qmp_capabilities") == {}, "negotiation"
-
-    def recv(self, timeout=60):
-        self.sock.settimeout(timeout)
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QMP connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            m = self.recv()
-            if "event" in m:
-                assert "seconds" in m["timestamp"], m
-                self.events.append(m)
-            elif "error" in m:
-                raise RuntimeError(f"{name}: {m['error']}")
-            else:
-                return m["return"]
-
-    def event(self, name, timeout=300):
-        deadline = time.time() + timeout
-        while True:
-            for i, e in enumerate(self.events):
-                if e["event"] == name:
-                    return self.events.pop(i)
-            left = deadline - time.time()
-            if left <= 0:
-                raise TimeoutError(f"no {name} event")
-            m = self.recv(timeout=left)
-            if "event" in m:
-                self.events.append(m)
-
-
-def wait_for(what, cond, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(what)
+from flotilla_qmp import Qmp, wait_for
 
 
 def main():

@@ -78,6 +78,12 @@ fn bring_up(t: &mut MmioTransport) {
 /// Reads `sector` through the ring (a fresh ring: request number `n` of it) and returns the
 /// data once the used ring shows the completion.
 fn read_sector(ram: &GuestRam, kick: &EventFd, sector: u64, n: u16) -> Vec<u8> {
+    submit_read(ram, kick, sector, n);
+    wait_read(ram, n)
+}
+
+/// Publishes request `n` (a read of `sector`) and kicks.
+fn submit_read(ram: &GuestRam, kick: &EventFd, sector: u64, n: u16) {
     let m = &ram.memory;
     // virtio_blk_outhdr: type IN (0), reserved, sector.
     m.write_obj(0u32, GuestAddress(HDR)).unwrap();
@@ -103,6 +109,11 @@ fn read_sector(ram: &GuestRam, kick: &EventFd, sector: u64, n: u16) -> Vec<u8> {
     .unwrap();
     m.write_obj(n, GuestAddress(AVAIL + 2)).unwrap();
     kick.write(1).unwrap();
+}
+
+/// Waits until the used ring shows request `n` and returns the data it read.
+fn wait_read(ram: &GuestRam, n: u16) -> Vec<u8> {
+    let m = &ram.memory;
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != n {
         assert!(Instant::now() < deadline, "request {n} never completed");
@@ -126,33 +137,16 @@ fn zero_rings(ram: &GuestRam) {
 
 struct Backend(Child);
 
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[test]
-fn generic_frontend_serves_requests_and_survives_a_guest_reset() {
-    let dir = std::env::temp_dir().join(format!("flotilla-frontend-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.img");
-    let pattern: Vec<u8> = (0..1u32 << 20)
-        .map(|i| (i / 512) as u8 ^ (i as u8))
-        .collect();
-    std::fs::File::create(&image)
-        .unwrap()
-        .write_all(&pattern)
-        .unwrap();
-    let sock = dir.join("blk.sock");
+/// Starts flotilla-blk serving `image` on `sock` and waits for it to listen.
+fn start_backend(sock: &std::path::Path, image: &std::path::Path) -> Backend {
+    let _ = std::fs::remove_file(sock);
     let blk_bin = flotilla_tests::paths::program("flotilla-blk");
-    let mut backend = Backend(
+    let backend = Backend(
         Command::new(&blk_bin)
             .arg("--socket-path")
-            .arg(&sock)
+            .arg(sock)
             .arg("--image")
-            .arg(&image)
+            .arg(image)
             .args(["--serial", "FRONTEND"])
             .spawn()
             .unwrap_or_else(|e| {
@@ -167,7 +161,36 @@ fn generic_frontend_serves_requests_and_survives_a_guest_reset() {
         assert!(Instant::now() < deadline, "flotilla-blk never listened");
         std::thread::sleep(Duration::from_millis(10));
     }
+    backend
+}
 
+/// A 1-MiB image whose every sector has its own pattern.
+fn make_image(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let image = dir.join("disk.img");
+    let pattern: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i / 512) as u8 ^ (i as u8))
+        .collect();
+    std::fs::File::create(&image)
+        .unwrap()
+        .write_all(&pattern)
+        .unwrap();
+    (image, pattern)
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn generic_frontend_serves_requests_and_survives_a_guest_reset() {
+    let dir = std::env::temp_dir().join(format!("flotilla-frontend-{}", std::process::id()));
+    let (image, pattern) = make_image(&dir);
+    let sock = dir.join("blk.sock");
+    let mut backend = start_backend(&sock, &image);
     let ram = GuestRam::new(256 << 20).unwrap();
     let mut device = blk::vhost_user_blk("disk0", 1, &ram.memory, &MemoryTable::new(&ram)).unwrap();
     device.attach(UnixStream::connect(&sock).unwrap()).unwrap();
@@ -205,5 +228,85 @@ fn generic_frontend_serves_requests_and_survives_a_guest_reset() {
     zero_rings(&ram);
     bring_up(&mut t);
     assert_eq!(read_sector(&ram, &kick, 7, 1), pattern[7 * 512..8 * 512]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn capacity(t: &mut MmioTransport) -> u64 {
+    let mut cap = [0u8; 8];
+    t.read(reg::CONFIG, &mut cap);
+    u64::from_le_bytes(cap)
+}
+
+/// A slot as hotplug and crash restart use it: empty at boot (the driver still comes up),
+/// filled by a backend (capacity appears with a config interrupt), the backend killed while
+/// the guest queues a request, a new backend attached (the set-up replayed, the queued
+/// request served), and the slot emptied again (capacity 0 with a config interrupt).
+#[test]
+fn a_slot_is_filled_replaced_and_emptied_under_a_running_driver() {
+    use vmm::hotplug::{SlotDevice, SlotKind, Slots};
+    use vmm::vhost_user::frontend::BackendState;
+    let dir = std::env::temp_dir().join(format!("flotilla-slot-{}", std::process::id()));
+    let (image, pattern) = make_image(&dir);
+    let sock = dir.join("blk.sock");
+
+    let ram = GuestRam::new(256 << 20).unwrap();
+    let frontend = blk::vhost_user_blk("blk1", 1, &ram.memory, &MemoryTable::new(&ram)).unwrap();
+    let shared = Arc::new(std::sync::Mutex::new(frontend));
+    let device = SlotDevice::new(shared.clone()).unwrap();
+    let mut slots = Slots::default();
+    let info = vmm::device_manager::MmioDeviceInfo {
+        base: 0xd000_1000,
+        len: 0x1000,
+        irq: 6,
+    };
+    slots.push("blk1".into(), SlotKind::Blk, info, shared);
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
+    let mut device = device;
+    device.set_interrupt(interrupt.clone());
+    let kick = device.queue_events()[0].try_clone().unwrap();
+    let mut t = MmioTransport::new(Box::new(device), interrupt.clone());
+
+    // Empty: the driver comes up against the fixed offer and sees a disk of capacity 0.
+    assert_eq!(capacity(&mut t), 0);
+    bring_up(&mut t);
+    assert_eq!(slots.status()[0].state, BackendState::Empty);
+
+    // device_add: capacity appears, announced by a config-change interrupt.
+    let mut first = start_backend(&sock, &image);
+    slots
+        .attach("blk1", UnixStream::connect(&sock).unwrap())
+        .unwrap();
+    assert_eq!(capacity(&mut t), 2048);
+    assert_ne!(interrupt.status() & 2, 0, "config-change interrupt");
+    assert_eq!(interrupt.config_generation(), 1);
+    assert_eq!(read_sector(&ram, &kick, 5, 1), pattern[5 * 512..6 * 512]);
+
+    // The backend dies; the guest queues a request meanwhile; a new backend takes over.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    slots.detach("blk1", false).unwrap();
+    assert_eq!(slots.status()[0].state, BackendState::Waiting);
+    assert_eq!(capacity(&mut t), 2048, "a waiting disk keeps its size");
+    submit_read(&ram, &kick, 9, 2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        ram.memory.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(),
+        1,
+        "nothing serves the ring while the backend is away"
+    );
+    let _second = start_backend(&sock, &image);
+    slots
+        .attach("blk1", UnixStream::connect(&sock).unwrap())
+        .unwrap();
+    assert_eq!(wait_read(&ram, 2), pattern[9 * 512..10 * 512]);
+    assert_eq!(read_sector(&ram, &kick, 11, 3), pattern[11 * 512..12 * 512]);
+    assert_eq!(interrupt.config_generation(), 1, "a restart is invisible");
+
+    // device_del: capacity 0, announced.
+    slots.detach("blk1", true).unwrap();
+    assert_eq!(capacity(&mut t), 0);
+    assert_eq!(interrupt.config_generation(), 2);
+    assert_eq!(slots.status()[0].state, BackendState::Empty);
     let _ = std::fs::remove_dir_all(&dir);
 }

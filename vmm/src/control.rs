@@ -560,6 +560,7 @@ mod tests {
         paused: AtomicBool,
         quits: AtomicU32,
         fail_pause: bool,
+        attached: Mutex<Vec<(String, UnixStream)>>,
     }
 
     impl VmControl for FakeVm {
@@ -596,6 +597,98 @@ mod tests {
                 _ => Err(format!("{gpa:#x} is outside guest memory")),
             }
         }
+        fn attach_backend(&self, slot: &str, stream: UnixStream) -> Result<(), String> {
+            if slot != "blk1" {
+                return Err(format!("no device slot '{slot}'"));
+            }
+            self.attached.lock().unwrap().push((slot.into(), stream));
+            Ok(())
+        }
+    }
+
+    /// Sends `line` with `fd` attached, as the gateway's core link does.
+    fn send_with_fd(sock: &UnixStream, line: &str, fd: RawFd) {
+        let mut cmsg = [0u64; 4];
+        let mut iov = libc::iovec {
+            iov_base: line.as_ptr() as *mut libc::c_void,
+            iov_len: line.len(),
+        };
+        // SAFETY: plain data; the pointers refer to live buffers of this frame.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a size computation.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+        // SAFETY: the control buffer is large enough for one descriptor.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, fd);
+        }
+        // SAFETY: sendmsg reads the buffers msg describes.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+        assert_eq!(n as usize, line.len());
+    }
+
+    #[test]
+    fn backends_arrive_with_their_requests() {
+        let vm = Arc::new(FakeVm::default());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (_sender, _thread) = spawn(theirs, vm.clone(), || ()).unwrap();
+        let mut reader = BufReader::new(ours.try_clone().unwrap());
+        // A good attach, one for an unknown slot (its socket is consumed and dropped), one
+        // without a socket, and one the core must pair with the right socket after those.
+        let (a_core, mut a_backend) = UnixStream::pair().unwrap();
+        let (b_core, _b_backend) = UnixStream::pair().unwrap();
+        let (c_core, mut c_backend) = UnixStream::pair().unwrap();
+        send_with_fd(
+            &ours,
+            "{\"execute\":\"x-attach-backend\",\"arguments\":{\"slot\":\"blk1\"},\"id\":1}\n",
+            a_core.as_raw_fd(),
+        );
+        send_with_fd(
+            &ours,
+            "{\"execute\":\"x-attach-backend\",\"arguments\":{\"slot\":\"blk7\"},\"id\":2}\n",
+            b_core.as_raw_fd(),
+        );
+        (&ours)
+            .write_all(
+                b"{\"execute\":\"x-attach-backend\",\"arguments\":{\"slot\":\"blk1\"},\"id\":3}\n",
+            )
+            .unwrap();
+        assert_eq!(next(&mut reader), json!({"return": {}, "id": 1}));
+        assert_eq!(next(&mut reader)["error"]["desc"], "no device slot 'blk7'");
+        assert!(next(&mut reader)["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("no socket"));
+        send_with_fd(
+            &ours,
+            "{\"execute\":\"x-attach-backend\",\"arguments\":{\"slot\":\"blk1\"},\"id\":4}\n",
+            c_core.as_raw_fd(),
+        );
+        assert_eq!(next(&mut reader)["id"], 4);
+        drop((a_core, b_core, c_core));
+        let mut attached = vm.attached.lock().unwrap();
+        assert_eq!(attached.len(), 2);
+        // Each received socket is connected to the right backend.
+        for ((_, stream), backend) in attached.iter_mut().zip([&mut a_backend, &mut c_backend]) {
+            stream.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            backend.read_exact(&mut b).unwrap();
+        }
+        let r = handle_line(
+            &*vm,
+            &ControlSender::new(ours),
+            r#"{"execute":"x-detach-backend","arguments":{"slot":"blk1"}}"#,
+        );
+        assert!(r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("'unplug' (bool)"));
     }
 
     fn channel() -> (ControlSender, BufReader<UnixStream>) {

@@ -1,0 +1,99 @@
+"""QMP over a plain socket, as the e2e drivers in this directory use it (no QMP library:
+this is what `ncat -U` users see), plus small helpers for watching a VM from the host."""
+import json
+import os
+import socket
+import time
+
+
+class Qmp:
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+        self.events = []
+        greeting = self.recv()
+        assert greeting["QMP"]["version"]["qemu"]["major"] >= 5, greeting
+        assert self.cmd("qmp_capabilities") == {}, "negotiation"
+
+    def recv(self, timeout=60):
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QMP connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            m = self.recv()
+            if "event" in m:
+                assert "seconds" in m["timestamp"], m
+                self.events.append(m)
+            elif "error" in m:
+                raise RuntimeError(f"{name}: {m['error']}")
+            else:
+                return m["return"]
+
+    def event(self, name, timeout=300):
+        deadline = time.time() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name:
+                    return self.events.pop(i)
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError(f"no {name} event")
+            m = self.recv(timeout=left)
+            if "event" in m:
+                self.events.append(m)
+
+
+def wait_for(what, cond, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+
+def connect_unix(path, timeout=30):
+    """Waits for the QMP socket at `path` and negotiates."""
+    wait_for("the QMP socket", lambda: os.path.exists(path), timeout)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    return Qmp(s)
+
+
+def children(pid):
+    """Pids of the live (non-zombie) children of `pid`, and of the zombie ones."""
+    live, zombies = [], []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for c in f.read().split():
+                    (zombies if state(int(c)) == "Z" else live).append(int(c))
+    except FileNotFoundError:
+        pass
+    return live, zombies
+
+
+def state(pid):
+    """The process state letter (R, S, Z, ...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def alive(pid):
+    s = state(pid)
+    return s is not None and s != "Z"
