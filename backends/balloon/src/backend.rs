@@ -376,6 +376,7 @@ impl VhostUserBackend for BalloonBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> std::io::Result<()> {
+        release::warn_hugepage_regions(&mem.memory());
         *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = mem;
         Ok(())
     }

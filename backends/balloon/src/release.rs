@@ -182,6 +182,30 @@ fn next_region_pfn(mem: &GuestMem, gpa: GuestAddress) -> Option<u64> {
         .map(|s| s.div_ceil(PAGE_SIZE))
 }
 
+/// Warns about regions on hugetlbfs: punching 4 KiB there frees nothing
+/// (a huge page is freed only whole) and clears the rest of the range
+/// inside a huge page, which the guest gave up anyway. Returns how many
+/// such regions there are.
+pub fn warn_hugepage_regions(mem: &GuestMem) -> usize {
+    let mut huge = 0;
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        if let Ok(fs) = nix::sys::statfs::fstatfs(fo.file()) {
+            if fs.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC {
+                log::warn!(
+                    "guest memory at {:#x} is on hugetlbfs: inflating the balloon there \
+                     gives no memory back",
+                    region.start_addr().0
+                );
+                huge += 1;
+            }
+        }
+    }
+    huge
+}
+
 /// Refuses to run on a host whose page size is not the balloon's 4 KiB: the
 /// guest's pages would not line up with the host pages a hole can free
 /// (and the reference requires guest and host page sizes to match).
@@ -353,6 +377,12 @@ mod tests {
             PunchHole.punch(&f, 0x1000, 0x1000),
             Err(nix::errno::Errno::EPERM)
         );
+    }
+
+    #[test]
+    fn memfd_memory_is_not_hugetlbfs() {
+        let f = memfd(0x2_0000);
+        assert_eq!(warn_hugepage_regions(&split_memory(&f)), 0);
     }
 
     #[test]
