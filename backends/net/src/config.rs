@@ -290,7 +290,10 @@ mod tests {
         assert_eq!(f(&[]).tap_offload(), 0);
         // TSO without GUEST_CSUM is not a valid combination: nothing.
         assert_eq!(f(&[VIRTIO_NET_F_GUEST_TSO4]).tap_offload(), 0);
-        assert_eq!(f(&[VIRTIO_NET_F_GUEST_CSUM]).tap_offload(), libc::TUN_F_CSUM);
+        assert_eq!(
+            f(&[VIRTIO_NET_F_GUEST_CSUM]).tap_offload(),
+            libc::TUN_F_CSUM
+        );
         assert_eq!(
             f(&[
                 VIRTIO_NET_F_GUEST_CSUM,

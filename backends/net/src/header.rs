@@ -168,9 +168,9 @@ pub fn fix_rx(bytes: &mut [u8; HEADER_LEN], neg: &Negotiated, num_buffers: u16) 
 mod tests {
     use super::*;
     use virtio_bindings::virtio_net::{
-        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
-        VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-        VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_GSO_UDP,
+        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_HDR_F_DATA_VALID,
+        VIRTIO_NET_HDR_GSO_UDP,
     };
 
     fn neg(bits: &[u32]) -> Negotiated {

@@ -52,7 +52,11 @@ pub fn publish(
     q.set_next_used(next);
     // Release: the frame data, the header fix-up and the elements are
     // visible before the index that announces them.
-    mem.store(next.to_le(), GuestAddress(q.used_ring() + 2), Ordering::Release)
+    mem.store(
+        next.to_le(),
+        GuestAddress(q.used_ring() + 2),
+        Ordering::Release,
+    )
 }
 
 /// Whether the driver wants an interrupt for the elements published since
@@ -104,8 +108,14 @@ mod tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 5);
         assert_eq!(q.next_used(), 5);
         // Slot 3, then slot 0 (wrapped).
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4 + 3 * 8)).unwrap(), 2);
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 8 + 3 * 8)).unwrap(), 100);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(USED + 4 + 3 * 8)).unwrap(),
+            2
+        );
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(USED + 8 + 3 * 8)).unwrap(),
+            100
+        );
         assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4)).unwrap(), 0);
         assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 8)).unwrap(), 200);
     }

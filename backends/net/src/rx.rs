@@ -71,6 +71,24 @@ struct Popped {
     blocked: bool,
 }
 
+impl Popped {
+    /// iovecs of the chains not yet used (what the next `readv` may take).
+    fn live_iovecs(&self) -> usize {
+        self.chains
+            .front()
+            .map_or(0, |c| self.iov.len().saturating_sub(c.start))
+    }
+
+    /// Drops the iovecs of used chains once none is left, so that indices
+    /// stay small over a long pass.
+    fn compact(&mut self) {
+        if self.chains.is_empty() {
+            self.iov.clear();
+            self.segs.clear();
+        }
+    }
+}
+
 /// Why a pass ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -179,7 +197,7 @@ impl RxQueue {
                 // the frame must fit one chain (no MRG_RXBUF).
                 let ring_size = usize::from(state.get_queue().size());
                 let cannot_grow = p.chains.len() >= ring_size
-                    || p.iov.len() + MAX_CHAIN_SEGMENTS > MAX_IOVECS
+                    || p.live_iovecs() + MAX_CHAIN_SEGMENTS > MAX_IOVECS
                     || p.blocked
                     || (!mrg && !p.chains.is_empty());
                 if cannot_grow {
@@ -211,12 +229,13 @@ impl RxQueue {
             }
             let direct = !mrg || p.room >= MAX_BUFFER;
             let result = if direct {
+                let start = p.chains[0].start;
                 let end = if mrg {
                     self.good_prefix_end(p)
                 } else {
                     p.chains[0].end
                 };
-                self.tap.readv(&p.iov[..end])
+                self.tap.readv(&p.iov[start..end])
             } else {
                 let iov = [libc::iovec {
                     iov_base: self.bounce.as_mut_ptr().cast(),
@@ -308,7 +327,7 @@ impl RxQueue {
                 !p.chains.is_empty()
             }
         };
-        while !p.blocked && !enough(p) && p.iov.len() + MAX_CHAIN_SEGMENTS <= MAX_IOVECS {
+        while !p.blocked && !enough(p) && p.live_iovecs() + MAX_CHAIN_SEGMENTS <= MAX_IOVECS {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(m) else {
                 return;
             };
@@ -378,6 +397,7 @@ impl RxQueue {
             if let Some(c) = p.chains.pop_front() {
                 self.use_chains(state, m, &[(c.head, 0)]);
             }
+            p.compact();
             p.blocked = p.chains.iter().any(|c| c.bad);
             p.room = p.chains.iter().take_while(|c| !c.bad).map(|c| c.len).sum();
         }
@@ -411,6 +431,7 @@ impl RxQueue {
         for c in p.chains.drain(..used.len()) {
             p.room -= c.len;
         }
+        p.compact();
         self.use_chains(state, m, &used);
         Stats::add(&self.stats.rx_packets, 1);
         Stats::add(&self.stats.rx_bytes, (n - HEADER_LEN) as u64);
@@ -449,6 +470,7 @@ impl RxQueue {
         for c in p.chains.drain(..used.len()) {
             p.room -= c.len;
         }
+        p.compact();
         self.use_chains(state, m, &used);
         Stats::add(&self.stats.rx_packets, 1);
         Stats::add(&self.stats.rx_bytes, (len - HEADER_LEN) as u64);

@@ -130,18 +130,15 @@ impl Tap {
     /// acks some.
     fn prepare(&self) -> Result<(), TapError> {
         let raw = self.fd.as_raw_fd();
-        let fl = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| {
-            TapError::Ioctl {
+        let fl =
+            nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| TapError::Ioctl {
                 what: "F_GETFL",
                 source: e.into(),
-            }
-        })?;
+            })?;
         let fl = nix::fcntl::OFlag::from_bits_retain(fl) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(|e| {
-            TapError::Ioctl {
-                what: "F_SETFL",
-                source: e.into(),
-            }
+        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(|e| TapError::Ioctl {
+            what: "F_SETFL",
+            source: e.into(),
         })?;
         let size = HEADER_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
@@ -254,9 +251,6 @@ mod tests {
                 ..
             })
         ));
-        assert!(matches!(
-            Tap::from_fd(987_654),
-            Err(TapError::BadFd { .. })
-        ));
+        assert!(matches!(Tap::from_fd(987_654), Err(TapError::BadFd { .. })));
     }
 }

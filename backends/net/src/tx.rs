@@ -136,8 +136,7 @@ impl TxQueue {
                 break Stop::BatchFull;
             }
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(m) else {
-                if event_idx && matches!(state.get_queue_mut().enable_notification(m), Ok(true))
-                {
+                if event_idx && matches!(state.get_queue_mut().enable_notification(m), Ok(true)) {
                     continue;
                 }
                 break Stop::Empty;
