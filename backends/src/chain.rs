@@ -172,7 +172,15 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
     }
 
-    fn put(mem: &GuestMemoryMmap<()>, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    fn put(
+        mem: &GuestMemoryMmap<()>,
+        table: u64,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let at = table + 16 * u64::from(i);
         mem.write_obj(addr, GuestAddress(at)).unwrap();
         mem.write_obj(len, GuestAddress(at + 8)).unwrap();
@@ -197,7 +205,11 @@ mod tests {
         let chain = read_chain(&mem, GuestAddress(TABLE), SIZE, 5).unwrap();
         assert_eq!(
             chain,
-            [d(0x4000, 16, false), d(0x5000, 512, true), d(0x6000, 1, true)]
+            [
+                d(0x4000, 16, false),
+                d(0x5000, 512, true),
+                d(0x6000, 1, true)
+            ]
         );
     }
 
@@ -211,7 +223,11 @@ mod tests {
         let chain = read_chain(&mem, GuestAddress(TABLE), SIZE, 3).unwrap();
         assert_eq!(
             chain,
-            [d(0x4000, 16, false), d(0x5000, 4096, false), d(0x6000, 1, true)]
+            [
+                d(0x4000, 16, false),
+                d(0x5000, 4096, false),
+                d(0x6000, 1, true)
+            ]
         );
     }
 

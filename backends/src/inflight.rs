@@ -124,7 +124,9 @@ pub enum InflightError {
     },
     /// The file could shrink under the mapping (touching the lost pages
     /// would kill the backend with SIGBUS).
-    #[error("the inflight fd is not sealed against shrinking; pass the fd GET_INFLIGHT_FD returned")]
+    #[error(
+        "the inflight fd is not sealed against shrinking; pass the fd GET_INFLIGHT_FD returned"
+    )]
     NotSealed,
     /// A queue header does not match the message.
     #[error("queue {queue}: region header has {found} descriptors, the message says {expected}")]
@@ -338,13 +340,18 @@ impl QueueRegion {
 
     /// Writes a fresh header (all descriptors idle).
     fn init(&self, used_idx: u16) {
-        self.map.u64(self.base + OFF_FEATURES).store(0, Ordering::Relaxed);
-        self.desc_num_field().store(self.desc_num, Ordering::Relaxed);
+        self.map
+            .u64(self.base + OFF_FEATURES)
+            .store(0, Ordering::Relaxed);
+        self.desc_num_field()
+            .store(self.desc_num, Ordering::Relaxed);
         self.last_batch_head().store(0, Ordering::Relaxed);
         self.used_idx().store(used_idx, Ordering::Relaxed);
         for head in 0..self.desc_num {
             self.inflight(head).store(0, Ordering::Relaxed);
-            self.map.u16(self.desc(head) + OFF_NEXT).store(0, Ordering::Relaxed);
+            self.map
+                .u16(self.desc(head) + OFF_NEXT)
+                .store(0, Ordering::Relaxed);
             self.counter(head).store(0, Ordering::Relaxed);
         }
         self.version().store(VERSION, Ordering::Release);
@@ -482,7 +489,10 @@ impl InflightTracker {
     ///
     /// Sealed against growing and shrinking, so whoever maps it later (the
     /// next backend process) can trust its size.
-    pub fn get_inflight_fd(&self, msg: &InflightMsg) -> Result<(InflightMsg, OwnedFd), InflightError> {
+    pub fn get_inflight_fd(
+        &self,
+        msg: &InflightMsg,
+    ) -> Result<(InflightMsg, OwnedFd), InflightError> {
         let size = self.check(msg)?;
         let fd = memfd_create(
             c"flotilla-inflight",
@@ -545,8 +555,8 @@ impl InflightTracker {
         if msg.mmap_offset % page != 0 {
             return Err(InflightError::Offset(msg.mmap_offset));
         }
-        let stat = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .map_err(sys("stat"))?;
+        let stat =
+            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(sys("stat"))?;
         if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(InflightError::NotAFile);
         }

@@ -49,6 +49,7 @@ const MAX_FDS: usize = 32;
 /// Frontend request codes the relay looks at.
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
+const SET_VRING_KICK: u32 = 12;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 /// Header flags: protocol version 1, "this is a reply", "reply wanted".
@@ -85,7 +86,10 @@ pub(crate) struct RelayState {
 impl RelayState {
     /// The error that made the relay end the connection, if any.
     pub(crate) fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn fail(&self, why: String) {
@@ -107,7 +111,10 @@ impl Relay {
     /// can no longer reach the path to remove it; a backend serves one
     /// frontend, so nothing is lost when the path goes once it connected.
     /// Nothing the frontend sends is read before [`Relay::start`].
-    pub(crate) fn accept_on(path: &Path, tracker: Option<Arc<InflightTracker>>) -> io::Result<Relay> {
+    pub(crate) fn accept_on(
+        path: &Path,
+        tracker: Option<Arc<InflightTracker>>,
+    ) -> io::Result<Relay> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -178,9 +185,12 @@ impl Relay {
         let (state_in, state_out) = (self.state.clone(), self.state.clone());
         let (in_from, in_to) = (frontend, self.inner.try_clone()?);
         let writer_in = writer.clone();
-        spawn_pump("relay-in", in_from.try_clone()?, in_to.try_clone()?, move || {
-            pump_in(&in_from, &in_to, &writer_in, &state_in)
-        })?;
+        spawn_pump(
+            "relay-in",
+            in_from.try_clone()?,
+            in_to.try_clone()?,
+            move || pump_in(&in_from, &in_to, &writer_in, &state_in),
+        )?;
         let out_from = self.inner;
         let out_to = writer.stream.try_clone()?;
         spawn_pump("relay-out", out_from.try_clone()?, out_to, move || {
@@ -314,9 +324,28 @@ fn pump_in(
             }
         }
         send_all(library, &msg.buf, &msg.fds)?;
+        if msg.request() == SET_VRING_KICK
+            && state.negotiated(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            kick_once(&msg.fds);
+        }
         // Our copies of the fds close here; the receiver holds its own.
     }
     Ok(())
+}
+
+/// Signals a queue's new kick eventfd once, so the device's first event
+/// after a (re)start comes even if neither the guest nor the frontend kicks:
+/// that event is where requests the previous backend had in flight are
+/// resubmitted (a guest waiting for them would never kick again). The
+/// library starts watching the fd when it applies SET_VRING_KICK, and the
+/// count we add stays pending until then. A spurious kick is harmless.
+fn kick_once(fds: &[OwnedFd]) {
+    if let [fd] = fds {
+        if let Err(e) = nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+            log::warn!("kicking the restarted queue: {e}");
+        }
+    }
 }
 
 /// Library -> frontend, offering INFLIGHT_SHMFD when the device tracks.
@@ -578,7 +607,9 @@ mod tests {
         let lib = listener.accept().unwrap().unwrap();
 
         // The library's feature answer gains INFLIGHT_SHMFD...
-        (&fe).write_all(&message(GET_PROTOCOL_FEATURES, b"")).unwrap();
+        (&fe)
+            .write_all(&message(GET_PROTOCOL_FEATURES, b""))
+            .unwrap();
         let (buf, _) = recv_one(&lib);
         assert_eq!(buf, message(GET_PROTOCOL_FEATURES, b""));
         (&lib)
@@ -588,7 +619,9 @@ mod tests {
         assert_eq!(u64_of(&buf), reply_ack | inflight);
         // ... and the library never sees it acknowledged.
         let acked = (reply_ack | inflight).to_le_bytes();
-        (&fe).write_all(&message(SET_PROTOCOL_FEATURES, &acked)).unwrap();
+        (&fe)
+            .write_all(&message(SET_PROTOCOL_FEATURES, &acked))
+            .unwrap();
         let (buf, _) = recv_one(&lib);
         assert_eq!(u64_of(&buf), reply_ack);
 
@@ -597,7 +630,10 @@ mod tests {
         (&fe).write_all(&get).unwrap();
         let (buf, fd) = recv_one(&fe);
         let answer = InflightMsg::parse(&buf[HEADER_LEN..]).unwrap();
-        assert_eq!(answer.mmap_size, crate::inflight::queue_region_size(8) as u64);
+        assert_eq!(
+            answer.mmap_size,
+            crate::inflight::queue_region_size(8) as u64
+        );
         // SAFETY: fresh fd from SCM_RIGHTS, owned by nobody else.
         let region = unsafe { OwnedFd::from_raw_fd(fd.expect("fd with the reply")) };
 
@@ -640,7 +676,9 @@ mod tests {
             .start()
             .unwrap();
         let lib = listener.accept().unwrap().unwrap();
-        (&fe).write_all(&message(GET_PROTOCOL_FEATURES, b"")).unwrap();
+        (&fe)
+            .write_all(&message(GET_PROTOCOL_FEATURES, b""))
+            .unwrap();
         let _ = recv_one(&lib);
         (&lib)
             .write_all(&reply(GET_PROTOCOL_FEATURES, &8u64.to_le_bytes()))

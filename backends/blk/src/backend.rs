@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla_backend::inflight::InflightTracker;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
@@ -55,6 +56,7 @@ pub struct BlockBackend {
     config: VirtioBlkConfig,
     workers: Vec<Mutex<QueueWorker>>,
     inflight: Vec<Arc<InflightCount>>,
+    tracker: Arc<InflightTracker>,
     event_idx: AtomicBool,
     mem: Mutex<GuestMemoryAtomic<GuestMem>>,
 }
@@ -96,6 +98,7 @@ impl BlockBackend {
             if disk.readonly() { ", read-only" } else { "" },
             if disk.direct() { ", direct" } else { "" },
         );
+        let tracker = InflightTracker::new(opts.num_queues, MAX_QUEUE_SIZE);
         let mut workers = Vec::new();
         let mut inflight = Vec::new();
         for index in 0..usize::from(opts.num_queues) {
@@ -114,6 +117,7 @@ impl BlockBackend {
                     serial,
                     throttle: throttle.clone(),
                     poll: opts.poll,
+                    tracking: tracker.queue(index as u16),
                 },
                 engine,
             )?;
@@ -125,6 +129,7 @@ impl BlockBackend {
             params,
             workers,
             inflight,
+            tracker,
             event_idx: AtomicBool::new(false),
             mem: Mutex::new(mem),
         })
@@ -152,6 +157,12 @@ impl BlockBackend {
             out.push((thread, timer, self.timer_event()));
         }
         out
+    }
+
+    /// The inflight tracking shared with the relay (pass it to
+    /// `flotilla_backend::daemon::serve_tracked`).
+    pub fn inflight_tracker(&self) -> Arc<InflightTracker> {
+        self.tracker.clone()
     }
 
     fn memory(&self) -> GuestMemoryAtomic<GuestMem> {
@@ -230,6 +241,12 @@ impl VhostUserBackend for BlockBackend {
                     "queue {queue_index}: requests still in flight after {DRAIN_TIMEOUT:?}"
                 );
             }
+            // Drained: from now on nothing is popped until the ring restarts
+            // and inflight recovery has run again.
+            worker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ring_stopped();
         }
         Ok(())
     }

@@ -163,12 +163,14 @@ pub fn run(args: &Args) -> Result<()> {
         mem.clone(),
     )?);
     let listeners = backend.listeners();
-    flotilla_backend::daemon::serve(
+    let tracker = backend.inflight_tracker();
+    flotilla_backend::daemon::serve_tracked(
         "flotilla-blk",
         backend,
         mem,
         &connection,
         &NoSandbox,
+        Some(tracker),
         |daemon| {
             let handlers = daemon.get_epoll_handlers();
             for (thread, fd, id) in listeners {

@@ -6,12 +6,14 @@
 //! timer. Requests complete in whatever order the disk finishes them;
 //! virtio-blk does not require in-order completion.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla_backend::chain::{self, ChainError};
+use flotilla_backend::inflight::InflightQueue;
 use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
 use vhost_user_backend::{VringRwLock, VringT};
@@ -84,6 +86,8 @@ pub struct QueueConfig {
     pub throttle: Option<Arc<Mutex<TokenBucket>>>,
     /// Busy-poll after running dry.
     pub poll: bool,
+    /// This queue's inflight tracking (a no-op until the frontend sets a region).
+    pub tracking: InflightQueue,
 }
 
 /// A request handed to the engine and not yet completed.
@@ -128,6 +132,12 @@ pub struct QueueWorker {
     deferred: Option<Deferred>,
     completions: Vec<Completion>,
     warn: Mutex<RateLimiter>,
+    /// Records popped heads in the inflight region so that a backend
+    /// started after a crash can resubmit them.
+    tracking: InflightQueue,
+    /// Heads a previous backend had in flight, oldest first; served before
+    /// anything new is popped.
+    resubmit: VecDeque<u16>,
 }
 
 /// Outcome of starting a request.
@@ -164,6 +174,8 @@ impl QueueWorker {
             deferred: None,
             completions: Vec::new(),
             warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
+            tracking: cfg.tracking,
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -178,14 +190,34 @@ impl QueueWorker {
         (self.engine.completion_fd(), self.timer.as_raw_fd())
     }
 
-    /// The guest kicked the queue.
+    /// The guest (or, after a backend restart, the frontend) kicked the
+    /// queue.
+    ///
+    /// The first kick after the ring (re)started takes up the inflight
+    /// region: the library only watches the kick fd once SET_VRING_BASE and
+    /// SET_VRING_KICK are applied, so the ring state recovery adjusts is
+    /// final here.
     pub fn on_kick(
         &mut self,
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<GuestMem>,
         event_idx: bool,
     ) {
+        if self.tracking.recovery_pending() {
+            match self.tracking.recover(vring) {
+                Ok(heads) => self.resubmit = heads.into(),
+                Err(e) => log::error!("queue {}: {e}", self.index),
+            }
+        }
         self.process_queue(vring, mem, event_idx);
+    }
+
+    /// The ring stopped (GET_VRING_BASE): run recovery again before popping
+    /// once it restarts, and forget resubmissions the frontend no longer
+    /// expects (it restarts the ring from the used index it read).
+    pub fn ring_stopped(&mut self) {
+        self.tracking.ring_stopped();
+        self.resubmit.clear();
     }
 
     /// The engine has completions.
@@ -223,6 +255,11 @@ impl QueueWorker {
         mem: &GuestMemoryAtomic<GuestMem>,
         event_idx: bool,
     ) {
+        if self.tracking.recovery_pending() {
+            // Stopped, or restarted and not kicked yet: the kick recovers
+            // first and then serves the ring.
+            return;
+        }
         loop {
             self.process_pass(vring, mem, event_idx);
             if !self.poll || self.throttled || !self.poll_avail(vring, mem) {
@@ -323,20 +360,43 @@ impl QueueWorker {
             }
         }
         loop {
+            // Until the ring's first kick after a (re)start has run
+            // recovery, the next avail index is not known.
+            if self.tracking.recovery_pending() {
+                break;
+            }
             let guard = mem.memory();
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(guard.clone());
-            let Some(chain) = chain else { break };
+            let resubmit = self.resubmit.front().copied();
+            let (head, segs) = match resubmit {
+                Some(head) => (head, resubmitted_chain(vring, &guard, head)),
+                None => {
+                    let chain = vring
+                        .get_mut()
+                        .get_queue_mut()
+                        .pop_descriptor_chain(guard.clone());
+                    let Some(chain) = chain else { break };
+                    let head = chain.head_index();
+                    let segs = chain
+                        .map(|d| Segment {
+                            addr: d.addr(),
+                            len: d.len(),
+                            writable: d.is_write_only(),
+                        })
+                        .collect();
+                    (head, Ok(segs))
+                }
+            };
             if let Some(bucket) = &self.throttle {
                 let verdict = bucket
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .try_take(Instant::now());
                 if let Err(wait) = verdict {
-                    // Leave the chain in the ring and come back when a token is due.
-                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    // Leave the chain in the ring (or the resubmission list)
+                    // and come back when a token is due.
+                    if resubmit.is_none() {
+                        vring.get_mut().get_queue_mut().go_to_previous_position();
+                    }
                     self.throttled = true;
                     if let Err(e) = self.timer.reset(wait, None) {
                         log::error!("queue {}: arming throttle timer: {e}", self.index);
@@ -344,14 +404,25 @@ impl QueueWorker {
                     break;
                 }
             }
-            let head = chain.head_index();
-            let segs: Vec<Segment> = chain
-                .map(|d| Segment {
-                    addr: d.addr(),
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                })
-                .collect();
+            if resubmit.is_some() {
+                // Still marked in flight, with its original counter.
+                self.resubmit.pop_front();
+            } else {
+                self.tracking.start(head);
+            }
+            let segs = match segs {
+                Ok(segs) => segs,
+                Err(e) => {
+                    warn_limited!(
+                        self.warn,
+                        "queue {}: in-flight request {head} not resubmitted: {e}",
+                        self.index
+                    );
+                    self.add_used(vring, head, 0);
+                    used_any = true;
+                    continue;
+                }
+            };
             let mem = guard.into_inner();
             match request::parse(&segs, &mem, &self.limits) {
                 Err(rejected) => {
@@ -389,7 +460,7 @@ impl QueueWorker {
     }
 
     fn add_used(&self, vring: &VringRwLock, head: u16, len: u32) {
-        if let Err(e) = vring.add_used(head, len) {
+        if let Err(e) = self.tracking.add_used(vring, head, len) {
             log::error!("queue {}: add_used({head}): {e}", self.index);
         }
     }
@@ -630,6 +701,28 @@ impl QueueWorker {
         self.completions.clear();
         signal(vring, event_idx, self.index);
     }
+}
+
+/// The chain of an in-flight `head`, read from the descriptor table (it is
+/// not in the avail ring's unpopped part any more).
+fn resubmitted_chain(
+    vring: &VringRwLock,
+    mem: &GuestMem,
+    head: u16,
+) -> std::result::Result<Vec<Segment>, ChainError> {
+    let (table, size) = {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        (GuestAddress(queue.desc_table()), queue.size())
+    };
+    Ok(chain::read_chain(mem, table, size, head)?
+        .into_iter()
+        .map(|d| Segment {
+            addr: d.addr,
+            len: d.len,
+            writable: d.writable,
+        })
+        .collect())
 }
 
 fn req_is_read(segs: &[Segment]) -> bool {
