@@ -878,7 +878,7 @@ mod tests {
     #[test]
     fn recovery_lists_heads_in_counter_order() {
         let r = fresh(16);
-        // Popped 7 (used 0..7 ... ) : heads 3, 9, 1 still in flight, used index 4.
+        // Used index 4 and heads 3, 9, 1 still in flight: 7 were popped.
         r.used_idx().store(4, Ordering::Relaxed);
         mark(&r, 9, 12);
         mark(&r, 3, 10);
@@ -926,6 +926,58 @@ mod tests {
         r.last_batch_head().store(999, Ordering::Relaxed);
         let rec = recover_region(&r, 3, 8);
         assert_eq!(rec.heads, [2]);
+    }
+
+    /// A ring in guest memory: descriptor table 0x1000, avail 0x2000, used 0x3000.
+    fn vring(
+        mem: &vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+    ) -> vhost_user_backend::VringRwLock {
+        let v = vhost_user_backend::VringRwLock::new(mem.clone(), 16).unwrap();
+        v.set_queue_size(8);
+        v.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        let used = v.queue_used_idx().unwrap();
+        v.set_queue_next_used(used);
+        v.set_queue_ready(true);
+        v
+    }
+
+    #[test]
+    fn queue_handle_round_trip_across_a_restart() {
+        use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let first = InflightTracker::new(1, 8);
+        let (reply, fd) = first.get_inflight_fd(&msg(1, 8)).unwrap();
+        first.set_inflight_fd(&reply, fd.try_clone().unwrap()).unwrap();
+        let ring = vring(&mem);
+        let mut q = first.queue(0);
+        assert!(q.recovery_pending());
+        assert_eq!(q.recover(&ring).unwrap(), Vec::<u16>::new());
+        assert!(!q.recovery_pending() && q.is_tracking());
+        // Pop 3, 5, 1 (avail positions 0..3); 5 completes.
+        for head in [3, 5, 1] {
+            q.start(head);
+        }
+        q.add_used(&ring, 5, 1).unwrap();
+        assert_eq!(ring.queue_used_idx().unwrap(), 1);
+        drop(q);
+
+        // A new backend with the same region, the ring restarted at used 1.
+        let second = InflightTracker::new(1, 8);
+        second.set_inflight_fd(&reply, fd).unwrap();
+        let ring = vring(&mem);
+        ring.set_queue_next_avail(1);
+        let mut q = second.queue(0);
+        assert_eq!(q.recover(&ring).unwrap(), [3, 1]);
+        assert_eq!(ring.queue_next_avail(), 3);
+        // Resubmitted and completed: nothing left for a third backend.
+        q.add_used(&ring, 1, 1).unwrap();
+        q.add_used(&ring, 3, 1).unwrap();
+        q.ring_stopped();
+        assert!(q.recovery_pending());
+        assert_eq!(q.recover(&ring).unwrap(), Vec::<u16>::new());
+        assert_eq!(ring.queue_next_avail(), 3);
     }
 
     #[test]
