@@ -949,7 +949,9 @@ mod tests {
         );
         let first = InflightTracker::new(1, 8);
         let (reply, fd) = first.get_inflight_fd(&msg(1, 8)).unwrap();
-        first.set_inflight_fd(&reply, fd.try_clone().unwrap()).unwrap();
+        first
+            .set_inflight_fd(&reply, fd.try_clone().unwrap())
+            .unwrap();
         let ring = vring(&mem);
         let mut q = first.queue(0);
         assert!(q.recovery_pending());
