@@ -76,4 +76,5 @@ pub fn vhost_user_blk(
         memory.clone(),
         table.clone(),
     )
+    .map(|device| device.with_empty_features(OFFERED_FEATURES & !VIRTIO_BLK_F_RO))
 }

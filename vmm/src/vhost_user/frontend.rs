@@ -205,6 +205,8 @@ pub struct VhostUserDevice {
     device_type: u32,
     queue_sizes: Vec<u16>,
     offered_features: u64,
+    /// What an empty slot offers: the features any later backend must cope with.
+    empty_features: u64,
     acked_features: u64,
     config: Arc<Mutex<Vec<u8>>>,
     /// The config space of an empty slot.
@@ -241,6 +243,7 @@ impl VhostUserDevice {
             device_type,
             queue_sizes,
             offered_features,
+            empty_features: offered_features,
             acked_features: 0,
             config: Arc::new(Mutex::new(empty_config.clone())),
             empty_config,
@@ -253,6 +256,14 @@ impl VhostUserDevice {
             inflight: None,
             active_queues: None,
         })
+    }
+
+    /// Restricts what the device offers while no backend is attached. A guest driver that
+    /// binds to an empty slot keeps the features it acked for good, so the empty offer leaves
+    /// out what would bind every later backend (a disk's read-only flag).
+    pub fn with_empty_features(mut self, features: u64) -> Self {
+        self.empty_features = features & self.offered_features;
+        self
     }
 
     /// Whether a backend is attached.
@@ -524,7 +535,7 @@ impl VirtioDevice for VhostUserDevice {
     fn device_features(&self) -> u64 {
         match &self.backend {
             Some(b) => self.offered_features & b.features & !PROTOCOL_FEATURES_BIT,
-            None => self.offered_features,
+            None => self.empty_features,
         }
     }
 
