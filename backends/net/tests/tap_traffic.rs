@@ -318,7 +318,7 @@ fn a_restarted_backend_on_the_same_tap_fd_and_rings_continues() {
 
 #[test]
 fn program_conventions() {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--print-capabilities")
         .output()
         .unwrap();
@@ -328,7 +328,7 @@ fn program_conventions() {
         r#"{"type":"net"}"#
     );
 
-    let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let run = |args: &[&str]| Command::new(bin()).args(args).output().unwrap();
     for bad in [
         &["--fd", "0"][..],
         &["--fd", "0", "--tap-fd", "0", "--tap", "x"],
@@ -351,15 +351,9 @@ fn program_conventions() {
     std::fs::create_dir_all(&dir).unwrap();
     let sockpath = dir.join("net.sock");
     let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            BIN,
-            "--tap",
-            "fntsa0",
-            "--socket-path",
-        ])
+        .args(["netns", "exec", &ns.name])
+        .arg(bin())
+        .args(["--tap", "fntsa0", "--socket-path"])
         .arg(&sockpath)
         .args(["--log-level", "warn"])
         .spawn()

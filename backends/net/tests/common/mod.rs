@@ -26,7 +26,18 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla-net");
+/// The flotilla-net binary: cargo names it for tests; an example (the
+/// benchmark) finds it next to its own directory (target/<profile>/).
+pub fn bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_flotilla-net") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("flotilla-net")
+}
 
 /// Our test ethertype (IEEE 802 local experimental).
 pub const ETHERTYPE: u16 = 0x88b5;
@@ -356,7 +367,7 @@ impl Backend {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let (sock, tapfd) = (theirs.as_raw_fd(), tap.as_raw_fd());
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["--fd", "3", "--tap-fd", "4", "--log-level", "info"])
             .arg("--log-file")
             .arg(&log)
