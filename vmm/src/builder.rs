@@ -10,11 +10,13 @@ use std::thread::JoinHandle;
 
 use crate::acpi::{self, AcpiError};
 use crate::arch::boot::{self, BootError, BootImage};
-use crate::config::{BackendSocket, SerialConfig, VmConfig};
+use crate::config::{BackendSocket, SerialConfig, VhostUserKind, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
+use crate::events::EventRelay;
 use crate::exit::VmExit;
 use crate::hotplug::{SlotDevice, SlotKind, BLK_SLOTS};
+use crate::vhost_user::balloon::{vhost_user_balloon, BalloonHandle};
 use crate::vhost_user::{blk, memory::MemoryTable};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
@@ -138,6 +140,24 @@ impl VmHandle {
             .map_err(|e| e.to_string())
     }
 
+    /// QMP `balloon`: leave the guest `value` bytes.
+    pub fn set_balloon(&self, value: u64) -> Result<(), String> {
+        self.balloon()?.set_target(value)
+    }
+
+    /// QMP `query-balloon`: the bytes the guest has.
+    pub fn query_balloon(&self) -> Result<u64, String> {
+        Ok(self.balloon()?.actual())
+    }
+
+    fn balloon(&self) -> Result<&BalloonHandle, String> {
+        self.reset
+            .devices
+            .balloon
+            .as_ref()
+            .ok_or_else(|| "No balloon device has been activated".to_string())
+    }
+
     /// Every device slot and its state.
     pub fn slots(&self) -> Vec<crate::hotplug::SlotStatus> {
         self.reset.devices.slots.status()
@@ -200,9 +220,15 @@ impl VmHandle {
 pub struct RunningVm {
     exit_rx: Receiver<VmExit>,
     handle: VmHandle,
+    events: EventRelay,
 }
 
 impl RunningVm {
+    /// Where device events (BALLOON_CHANGED) go: connect it to the control channel.
+    pub fn events(&self) -> &EventRelay {
+        &self.events
+    }
+
     /// Blocks until the guest powers off, resets, fails, or the host asks to quit.
     pub fn wait(&self) -> VmExit {
         self.exit_rx
@@ -322,20 +348,24 @@ fn add_blk_slots(
     table: &MemoryTable,
     devices: &mut DeviceManager,
 ) -> Result<(), BuildError> {
-    if config.vhost_user_blk.len() > BLK_SLOTS {
+    let disks = config.disks();
+    if disks.len() > BLK_SLOTS {
         return Err(BuildError::Backend {
-            id: config.vhost_user_blk[BLK_SLOTS].id.clone(),
+            id: disks[BLK_SLOTS].id.clone(),
             reason: format!("microvm has {BLK_SLOTS} disk slots, hot-plugged disks included"),
         });
     }
     for index in 0..BLK_SLOTS {
         let slot = format!("{}{index}", SlotKind::Blk.prefix());
-        let disk = config.vhost_user_blk.get(index);
+        let disk = disks.get(index).copied();
         let backend_err = |reason: String| BuildError::Backend {
             id: disk.map_or(slot.clone(), |d| d.id.clone()),
             reason,
         };
-        let queues = disk.map_or(1, |d| d.num_queues);
+        let queues = match disk.map(|d| &d.kind) {
+            Some(VhostUserKind::Blk { num_queues }) => *num_queues,
+            _ => 1,
+        };
         let mut device = blk::vhost_user_blk(&slot, queues, &ram.memory, table)
             .map_err(|e| backend_err(e.to_string()))?;
         if let Some(disk) = disk {
@@ -359,6 +389,59 @@ fn add_blk_slots(
     Ok(())
 }
 
+/// Adds the balloon, when one is configured, with its backend attached.
+fn add_balloon(
+    config: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    table: &MemoryTable,
+    devices: &mut DeviceManager,
+    events: &EventRelay,
+) -> Result<(), BuildError> {
+    let Some(balloon) = config.balloon() else {
+        return Ok(());
+    };
+    let deflate_on_oom = matches!(
+        balloon.kind,
+        VhostUserKind::Balloon {
+            deflate_on_oom: true
+        }
+    );
+    let backend_err = |reason: String| BuildError::Backend {
+        id: balloon.id.clone(),
+        reason,
+    };
+    let mem_bytes = config.mem_mib << 20;
+    let mut device = vhost_user_balloon(
+        deflate_on_oom,
+        mem_bytes,
+        &ram.memory,
+        table,
+        events.clone(),
+    )
+    .map_err(|e| backend_err(e.to_string()))?;
+    let stream = backend_stream(&balloon.socket).map_err(&backend_err)?;
+    device
+        .attach(stream)
+        .map_err(|e| backend_err(e.to_string()))?;
+    let shared = Arc::new(Mutex::new(device));
+    let transport = SlotDevice::new(shared.clone())
+        .map_err(|e| backend_err(format!("cannot share the device: {e}")))?;
+    let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(transport))?;
+    log::info!(
+        "{}: vhost-user balloon at {:#x}, IRQ {}",
+        balloon.id,
+        info.base,
+        info.irq
+    );
+    let slot = format!("{}0", SlotKind::Balloon.prefix());
+    devices
+        .slots
+        .push(slot, SlotKind::Balloon, info, shared.clone());
+    devices.balloon = Some(BalloonHandle::new(shared, mem_bytes));
+    Ok(())
+}
+
 /// Builds and starts a microvm.
 pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let mut images = GuestImages::open(config)?;
@@ -373,6 +456,8 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     devices.add_legacy_devices(vm.fd(), serial_out, exit_tx.clone())?;
     let table = MemoryTable::new(&ram);
     add_blk_slots(config, &vm, &ram, &table, &mut devices)?;
+    let events = EventRelay::default();
+    add_balloon(config, &vm, &ram, &table, &mut devices, &events)?;
     let entry = load_guest(config, &mut images, &ram, &devices)?;
 
     let vcpus = (0..config.vcpus)
@@ -407,6 +492,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
         irqchip,
     };
     Ok(RunningVm {
+        events,
         exit_rx,
         handle: VmHandle {
             exit_tx,
@@ -435,7 +521,7 @@ mod tests {
             mmio_cmdline: false,
             log: None,
             control_fd: None,
-            vhost_user_blk: Vec::new(),
+            vhost_user: Vec::new(),
         }
     }
 

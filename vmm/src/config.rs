@@ -49,20 +49,52 @@ pub struct VmConfig {
     pub log: Option<Option<PathBuf>>,
     /// `-control-fd N`: an inherited, connected unix socket to the `flotilla` gateway.
     pub control_fd: Option<i32>,
-    /// vhost-user block devices, in slot order.
-    pub vhost_user_blk: Vec<VhostUserBlkConfig>,
+    /// vhost-user devices, in command-line order (disks fill the disk slots in this order).
+    pub vhost_user: Vec<VhostUserConfig>,
 }
 
-/// `-chardev socket,id=C,path=P -device vhost-user-blk-device,id=D,chardev=C[,num-queues=N]`:
-/// a disk served by a vhost-user backend listening on `socket`.
+impl VmConfig {
+    /// The disks, in slot order.
+    pub fn disks(&self) -> Vec<&VhostUserConfig> {
+        self.vhost_user
+            .iter()
+            .filter(|d| matches!(d.kind, VhostUserKind::Blk { .. }))
+            .collect()
+    }
+
+    /// The balloon, if any (at most one).
+    pub fn balloon(&self) -> Option<&VhostUserConfig> {
+        self.vhost_user
+            .iter()
+            .find(|d| matches!(d.kind, VhostUserKind::Balloon { .. }))
+    }
+}
+
+/// `-chardev socket,id=C,path=P|fd=N -device vhost-user-<type>-device,id=D,chardev=C,...`: a
+/// device served by a vhost-user backend at `socket`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VhostUserBlkConfig {
+pub struct VhostUserConfig {
     /// Device id.
     pub id: String,
     /// Where the backend is.
     pub socket: BackendSocket,
-    /// Queues the device offers.
-    pub num_queues: u16,
+    /// The device type and its options.
+    pub kind: VhostUserKind,
+}
+
+/// What a vhost-user device is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VhostUserKind {
+    /// `vhost-user-blk-device[,num-queues=N]`.
+    Blk {
+        /// Queues the device offers.
+        num_queues: u16,
+    },
+    /// `vhost-user-balloon-device[,deflate-on-oom=on|off]`.
+    Balloon {
+        /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
+        deflate_on_oom: bool,
+    },
 }
 
 /// How to reach a vhost-user backend.
@@ -78,7 +110,7 @@ pub enum BackendSocket {
 pub const MAX_BLK_QUEUES: u16 = 16;
 
 /// Joins `-chardev socket,...` and `-device vhost-user-blk-device,...` options.
-fn parse_vhost_user_blk(opts: &ParsedOptions) -> Result<Vec<VhostUserBlkConfig>, OptionError> {
+fn parse_vhost_user(opts: &ParsedOptions) -> Result<Vec<VhostUserConfig>, OptionError> {
     let mut chardevs = Vec::new();
     for text in opts.values("chardev") {
         let kv = KeyValues::parse("chardev", text, Some("backend"))?;
@@ -113,19 +145,17 @@ fn parse_vhost_user_blk(opts: &ParsedOptions) -> Result<Vec<VhostUserBlkConfig>,
         }
         chardevs.push((id.to_string(), socket));
     }
-    let mut devices: Vec<VhostUserBlkConfig> = Vec::new();
+    let mut devices: Vec<VhostUserConfig> = Vec::new();
     for text in opts.values("device") {
         let kv = KeyValues::parse("device", text, Some("driver"))?;
-        kv.check_keys(&["driver", "id", "chardev", "num-queues"])?;
-        match kv.get("driver") {
-            Some("vhost-user-blk-device") => {}
-            other => {
-                return Err(kv.invalid(
-                    "driver",
-                    other.unwrap_or_default(),
-                    "only vhost-user-blk-device is supported",
-                ))
-            }
+        kv.check_keys(&["driver", "id", "chardev", "num-queues", "deflate-on-oom"])?;
+        let driver = kv.get("driver").unwrap_or_default();
+        if !["vhost-user-blk-device", "vhost-user-balloon-device"].contains(&driver) {
+            return Err(kv.invalid(
+                "driver",
+                driver,
+                "expected vhost-user-blk-device or vhost-user-balloon-device",
+            ));
         }
         let id = kv
             .get("id")
@@ -140,17 +170,41 @@ fn parse_vhost_user_blk(opts: &ParsedOptions) -> Result<Vec<VhostUserBlkConfig>,
             .find(|(c, _)| c == chardev)
             .map(|(_, p)| p.clone())
             .ok_or_else(|| kv.invalid("chardev", chardev, "no -chardev with this id"))?;
-        let num_queues = match kv.get("num-queues") {
-            None => 1,
-            Some(n) => match n.parse::<u16>() {
-                Ok(q) if (1..=MAX_BLK_QUEUES).contains(&q) => q,
-                _ => return Err(kv.invalid("num-queues", n, "must be between 1 and 16")),
-            },
+        let kind = if driver == "vhost-user-balloon-device" {
+            if kv.get("num-queues").is_some() {
+                return Err(kv.invalid("num-queues", "", "a balloon has no request queues"));
+            }
+            if devices
+                .iter()
+                .any(|d| matches!(d.kind, VhostUserKind::Balloon { .. }))
+            {
+                return Err(kv.invalid("driver", driver, "only one balloon per VM"));
+            }
+            let deflate_on_oom = match kv.get("deflate-on-oom") {
+                None | Some("off" | "false") => false,
+                Some("on" | "true") => true,
+                Some(v) => {
+                    return Err(kv.invalid("deflate-on-oom", v, "expected on/off or true/false"))
+                }
+            };
+            VhostUserKind::Balloon { deflate_on_oom }
+        } else {
+            if kv.get("deflate-on-oom").is_some() {
+                return Err(kv.invalid("deflate-on-oom", "", "only for a balloon"));
+            }
+            let num_queues = match kv.get("num-queues") {
+                None => 1,
+                Some(n) => match n.parse::<u16>() {
+                    Ok(q) if (1..=MAX_BLK_QUEUES).contains(&q) => q,
+                    _ => return Err(kv.invalid("num-queues", n, "must be between 1 and 16")),
+                },
+            };
+            VhostUserKind::Blk { num_queues }
         };
-        devices.push(VhostUserBlkConfig {
+        devices.push(VhostUserConfig {
             id: id.to_string(),
             socket,
-            num_queues,
+            kind,
         });
     }
     Ok(devices)
@@ -204,7 +258,7 @@ impl VmConfig {
             mmio_cmdline,
             log: opts.has("D").then(|| opts.value("D").map(PathBuf::from)),
             control_fd: opts.value("control-fd").map(parse_fd).transpose()?,
-            vhost_user_blk: parse_vhost_user_blk(opts)?,
+            vhost_user: parse_vhost_user(opts)?,
         })
     }
 }
@@ -341,11 +395,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            c.vhost_user_blk,
-            vec![VhostUserBlkConfig {
+            c.vhost_user,
+            vec![VhostUserConfig {
                 id: "disk0".into(),
                 socket: BackendSocket::Path("/run/b0.sock".into()),
-                num_queues: 2
+                kind: VhostUserKind::Blk { num_queues: 2 }
             }]
         );
         let c = config(&[
@@ -357,7 +411,27 @@ mod tests {
             "vhost-user-blk-device,id=d,chardev=c",
         ])
         .unwrap();
-        assert_eq!(c.vhost_user_blk[0].socket, BackendSocket::Fd(5));
+        assert_eq!(c.vhost_user[0].socket, BackendSocket::Fd(5));
+        let c = config(&[
+            "-kernel",
+            "k",
+            "-chardev",
+            "socket,id=c,fd=5",
+            "-chardev",
+            "socket,id=b,fd=6",
+            "-device",
+            "vhost-user-blk-device,id=d,chardev=c",
+            "-device",
+            "vhost-user-balloon-device,id=balloon0,chardev=b,deflate-on-oom=true",
+        ])
+        .unwrap();
+        assert_eq!(c.disks().len(), 1);
+        assert_eq!(
+            c.balloon().map(|b| &b.kind),
+            Some(&VhostUserKind::Balloon {
+                deflate_on_oom: true
+            })
+        );
         for bad in [
             &["-device", "vhost-user-blk-device,id=d,chardev=missing"][..],
             &[
@@ -397,6 +471,26 @@ mod tests {
                 "vhost-user-blk-device,id=d,chardev=c",
                 "-device",
                 "vhost-user-blk-device,id=d,chardev=c",
+            ],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-device",
+                "vhost-user-balloon-device,id=b1,chardev=c",
+                "-device",
+                "vhost-user-balloon-device,id=b2,chardev=c",
+            ],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-device",
+                "vhost-user-balloon-device,id=b1,chardev=c,deflate-on-oom=maybe",
+            ],
+            &[
+                "-chardev",
+                "socket,id=c,path=/s",
+                "-device",
+                "vhost-user-blk-device,id=b1,chardev=c,deflate-on-oom=on",
             ],
         ] {
             let mut args = vec!["-kernel", "k"];

@@ -52,6 +52,14 @@ pub trait VmControl: Send + Sync {
     fn slots(&self) -> Vec<SlotStatus> {
         Vec::new()
     }
+    /// QMP `balloon`: leave the guest `value` bytes.
+    fn set_balloon(&self, _value: u64) -> Result<(), String> {
+        Err("No balloon device has been activated".into())
+    }
+    /// QMP `query-balloon`: the bytes the guest has.
+    fn query_balloon(&self) -> Result<u64, String> {
+        Err("No balloon device has been activated".into())
+    }
 }
 
 impl VmControl for VmHandle {
@@ -87,6 +95,12 @@ impl VmControl for VmHandle {
     }
     fn slots(&self) -> Vec<SlotStatus> {
         VmHandle::slots(self)
+    }
+    fn set_balloon(&self, value: u64) -> Result<(), String> {
+        VmHandle::set_balloon(self, value)
+    }
+    fn query_balloon(&self) -> Result<u64, String> {
+        VmHandle::query_balloon(self)
     }
 }
 
@@ -413,6 +427,22 @@ fn execute(
                 Err(e) => error("GenericError", e),
             }
         }
+        "balloon" => {
+            let Some(value) = args.get("value").and_then(Value::as_u64) else {
+                return error(
+                    "GenericError",
+                    "Invalid parameter type for 'value', expected: integer",
+                );
+            };
+            match vm.set_balloon(value) {
+                Ok(()) => json!({ "return": {} }),
+                Err(e) => error("DeviceNotActive", e),
+            }
+        }
+        "query-balloon" => match vm.query_balloon() {
+            Ok(actual) => no_args(json!({ "return": { "actual": actual } })),
+            Err(e) => error("DeviceNotActive", e),
+        },
         "x-query-slots" => no_args(json!({ "return": vm
             .slots()
             .into_iter()

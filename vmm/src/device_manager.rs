@@ -19,6 +19,7 @@ use crate::exit::{ExitTrigger, VmExit};
 use crate::hotplug::Slots;
 use crate::transport::mmio::MmioTransport;
 use crate::transport::{VirtioDevice, VirtioInterrupt};
+use crate::vhost_user::balloon::BalloonHandle;
 
 /// Errors attaching devices.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,8 @@ pub struct DeviceManager {
     pub ged: Option<Arc<Mutex<Ged>>>,
     /// Replaceable device slots (hotplug, backend restarts).
     pub slots: Slots,
+    /// The balloon, for QMP.
+    pub balloon: Option<BalloonHandle>,
 }
 
 impl DeviceManager {
@@ -99,6 +102,7 @@ impl DeviceManager {
             serial: None,
             ged: None,
             slots: Slots::default(),
+            balloon: None,
         }
     }
 

@@ -29,6 +29,8 @@ pub const BLK_SLOTS: usize = 6;
 pub enum SlotKind {
     /// virtio-blk.
     Blk,
+    /// virtio-balloon (cold-plugged only, but its backend is replaceable like any other).
+    Balloon,
 }
 
 impl SlotKind {
@@ -36,6 +38,7 @@ impl SlotKind {
     pub fn prefix(self) -> &'static str {
         match self {
             SlotKind::Blk => "blk",
+            SlotKind::Balloon => "balloon",
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 pub mod devices;
+pub mod events;
 pub mod exit;
 pub mod hotplug;
 pub mod logger;

@@ -107,9 +107,10 @@ fn start_control(fd: i32, vm: &RunningVm) -> Result<ControlSender, String> {
             ))
         }
     };
-    control::spawn(stream, Arc::new(handle), on_close)
-        .map(|(sender, _thread)| sender)
-        .map_err(|e| format!("cannot start the control thread: {e}"))
+    let (sender, _thread) = control::spawn(stream, Arc::new(handle), on_close)
+        .map_err(|e| format!("cannot start the control thread: {e}"))?;
+    vm.events().connect(sender.clone());
+    Ok(sender)
 }
 
 /// A fatal error: one line on stderr, and in the log file too when `-D FILE` sends the log

@@ -80,6 +80,28 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
+/// Who owns a device type's config space, and what attaching, emptying and guest writes do
+/// to it. The generic frontend calls these hooks; the device modules (blk, net, balloon)
+/// implement them.
+pub trait ConfigPolicy: Send {
+    /// Whether the config space is the backend's (read with GET_CONFIG on attach, guest writes
+    /// forwarded with SET_CONFIG). Otherwise the core owns it and the backend never sees it,
+    /// so a restarted backend needs no state (a NIC's MAC and link, the balloon's target).
+    fn from_backend(&self) -> bool {
+        true
+    }
+    /// Adjusts the config when a backend is attached (e.g. link up).
+    fn on_attach(&self, _config: &mut [u8]) {}
+    /// Called after the guest wrote config bytes at `offset`; `config` is the whole space.
+    fn on_guest_write(&self, _offset: usize, _config: &[u8]) {}
+}
+
+/// The config space is the backend's (block devices).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BackendConfig;
+
+impl ConfigPolicy for BackendConfig {}
+
 /// Where a device stands with respect to its backend (DESIGN.md "The core owns device
 /// state"); the guest cannot tell the states apart except by latency and, for `Empty`, by
 /// the config space of an absent device.
@@ -136,6 +158,8 @@ fn refresh_config(conn: &mut Frontend, cache: &Mutex<Vec<u8>>) -> Result<(), Str
 /// disk resized): the config cache is re-read and the guest gets a config-change interrupt.
 struct BackendChannel {
     name: String,
+    /// Whether the config space is the backend's to change.
+    from_backend: bool,
     conn: Mutex<Frontend>,
     config: Arc<Mutex<Vec<u8>>>,
     interrupt: Arc<Mutex<Option<Arc<VirtioInterrupt>>>>,
@@ -148,6 +172,13 @@ impl VhostUserFrontendReqHandler for BackendChannel {
             "{}: CONFIG_CHANGE_MSG from the backend",
             self.name
         );
+        if !self.from_backend {
+            log::warn!(
+                "{}: the backend announced a config change for a config space it does not own",
+                self.name
+            );
+            return Ok(0);
+        }
         refresh_config(&mut lock(&self.conn), &self.config).map_err(std::io::Error::other)?;
         if let Some(interrupt) = lock(&self.interrupt).as_ref() {
             interrupt.signal_config_change();
@@ -211,6 +242,7 @@ pub struct VhostUserDevice {
     config: Arc<Mutex<Vec<u8>>>,
     /// The config space of an empty slot.
     empty_config: Vec<u8>,
+    policy: Box<dyn ConfigPolicy>,
     memory: GuestMemory,
     memory_table: MemoryTable,
     kicks: Vec<EventFd>,
@@ -247,6 +279,7 @@ impl VhostUserDevice {
             acked_features: 0,
             config: Arc::new(Mutex::new(empty_config.clone())),
             empty_config,
+            policy: Box::new(BackendConfig),
             memory,
             memory_table,
             kicks,
@@ -264,6 +297,37 @@ impl VhostUserDevice {
     pub fn with_empty_features(mut self, features: u64) -> Self {
         self.empty_features = features & self.offered_features;
         self
+    }
+
+    /// Gives the config space to `policy` (by default it is the backend's).
+    pub fn with_config_policy(mut self, policy: Box<dyn ConfigPolicy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// A copy of the config space as the guest sees it.
+    pub fn config(&self) -> Vec<u8> {
+        lock(&self.config).clone()
+    }
+
+    /// Writes config bytes on the device's side (a core-owned field such as the balloon's
+    /// target) and tells the guest with a config-change interrupt.
+    pub fn update_config(&mut self, offset: usize, data: &[u8]) -> Result<(), FrontendError> {
+        {
+            let mut config = lock(&self.config);
+            let end = offset
+                .checked_add(data.len())
+                .filter(|&e| e <= config.len())
+                .ok_or_else(|| {
+                    FrontendError::Config(format!(
+                        "config update past the end ({offset}+{})",
+                        data.len()
+                    ))
+                })?;
+            config[offset..end].copy_from_slice(data);
+        }
+        self.signal_config_change();
+        Ok(())
     }
 
     /// Whether a backend is attached.
@@ -302,6 +366,7 @@ impl VhostUserDevice {
             return result;
         }
         self.state = BackendState::Attached;
+        self.policy.on_attach(&mut lock(&self.config));
         if self.active_queues.is_some() {
             for (kick, _) in self.kicks.iter().zip(self.ready_queues()) {
                 // Ring the doorbell once: the new backend looks at every ring it was given.
@@ -365,7 +430,9 @@ impl VhostUserDevice {
         } else {
             None
         };
-        if protocol.is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG)) {
+        if self.policy.from_backend()
+            && protocol.is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG))
+        {
             refresh_config(&mut conn, &self.config).map_err(FrontendError::Config)?;
         }
         let channel = match protocol.filter(|p| p.contains(VhostUserProtocolFeatures::BACKEND_REQ))
@@ -397,6 +464,7 @@ impl VhostUserDevice {
     ) -> Result<OwnedFd, FrontendError> {
         let channel = BackendChannel {
             name: self.name.clone(),
+            from_backend: self.policy.from_backend(),
             conn: Mutex::new(conn.clone()),
             config: self.config.clone(),
             interrupt: self.interrupt.clone(),
@@ -572,6 +640,10 @@ impl VirtioDevice for VhostUserDevice {
                 return;
             }
             config[end - data.len()..end].copy_from_slice(data);
+            self.policy.on_guest_write(end - data.len(), &config);
+        }
+        if !self.policy.from_backend() {
+            return;
         }
         if let Some(b) = self.backend.as_mut() {
             if b.protocol

@@ -4,6 +4,7 @@
 //! so a backend can be replaced without the guest noticing (DESIGN.md "The core owns device
 //! state").
 
+pub mod balloon;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
