@@ -41,6 +41,8 @@ pub const CORE_COMMANDS: &[&str] = &[
     "query-cpus",
     "query-hotpluggable-cpus",
     "query-mem-gpa",
+    "balloon",
+    "query-balloon",
     "quit",
 ];
 

@@ -277,10 +277,12 @@ impl Hotplug {
                 .ok_or_else(|| err(format!("All {BLK_SLOTS} disk slots are in use")))?,
         };
         match st.blk_slots.get(slot) {
-            None => return Err(err(format!(
+            None => {
+                return Err(err(format!(
                 "addr {slot:#x} is out of range: microvm has {BLK_SLOTS} disk slots (0x0-{:#x})",
                 BLK_SLOTS - 1
-            ))),
+            )))
+            }
             Some(Some(other)) => {
                 return Err(err(format!("addr {slot:#x} is in use by device '{other}'")))
             }

@@ -176,7 +176,11 @@ fn adopt_backends(
     backends: Vec<ColdBackend>,
 ) -> Result<(), (String, u8)> {
     for (slot, b) in backends.into_iter().enumerate() {
-        if let Some(drive) = config.drives.iter().find(|d| d.id == b.drive) {
+        let drive = b
+            .drive
+            .as_ref()
+            .and_then(|id| config.drives.iter().find(|d| &d.id == id));
+        if let Some(drive) = drive {
             let image = b
                 .spec
                 .fds
@@ -184,10 +188,13 @@ fn adopt_backends(
                 .and_then(|fd| fd.try_clone().ok())
                 .map(std::fs::File::from)
                 .ok_or_else(|| (format!("disk '{}': image descriptor lost", b.id), 1))?;
-            hotplug.register_cold_disk(&b.id, &b.drive, slot, drive_options(drive), image);
+            hotplug.register_cold_disk(&b.id, &drive.id, slot, drive_options(drive), image);
         }
+        let pidfd = b
+            .pidfd
+            .ok_or_else(|| (format!("backend '{}' was not started", b.id), 1))?;
         supervisor
-            .adopt(&b.id, "virtio-blk-device", &b.slot, b.spec, b.pidfd)
+            .adopt(&b.id, b.driver, &b.slot, b.spec, pidfd)
             .map_err(|e| (e, 1))?;
     }
     Ok(())

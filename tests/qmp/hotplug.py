@@ -176,7 +176,7 @@ def main():
         qmp2 = f"{run}/qmp2.sock"
         second = subprocess.Popen(
             [a.flotilla, "-kernel", a.kernel, "-initrd", a.initrd, "-append", "console=ttyS0 quiet flotilla.scenario=hotplug",
-             "-m", "128", "-serial", f"file:{run}/serial2.log", "-qmp", f"unix:{qmp2},server,nowait"],
+             "-m", "256", "-serial", f"file:{run}/serial2.log", "-qmp", f"unix:{qmp2},server,nowait"],
             stdin=subprocess.DEVNULL)
         q2 = connect_unix(qmp2)
         q2.cmd("blockdev-add", **{"node-name": "x", "file": {"driver": "file", "filename": images["d1"]}})

@@ -81,6 +81,17 @@ pub enum DeviceConfig {
     Blk(BlkDeviceConfig),
     /// `virtio-net-device`.
     Net(NetDeviceConfig),
+    /// `virtio-balloon-device`.
+    Balloon(BalloonDeviceConfig),
+}
+
+/// `-device virtio-balloon-device[,id=ID][,deflate-on-oom=BOOL]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalloonDeviceConfig {
+    /// Device id.
+    pub id: Option<String>,
+    /// Give pages back to a guest running out of memory.
+    pub deflate_on_oom: bool,
 }
 
 impl DeviceConfig {
@@ -89,6 +100,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Blk(b) => b.id.as_deref(),
             DeviceConfig::Net(n) => n.id.as_deref(),
+            DeviceConfig::Balloon(b) => b.id.as_deref(),
         }
     }
 
@@ -97,6 +109,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Blk(b) => b.iothread.as_deref(),
             DeviceConfig::Net(n) => n.iothread.as_deref(),
+            DeviceConfig::Balloon(_) => None,
         }
     }
 }
@@ -206,7 +219,6 @@ pub fn parse_drive(text: &str) -> Result<DriveConfig, CliError> {
 const UNIMPLEMENTED_DEVICES: &[(&str, Option<u8>)] = &[
     ("virtio-blk-pci", Some(4)),
     ("virtio-net-pci", Some(4)),
-    ("virtio-balloon-device", Some(7)),
     ("virtio-balloon-pci", Some(7)),
     ("vhost-user-blk-device", Some(8)),
     ("vhost-user-blk-pci", Some(8)),
@@ -276,12 +288,19 @@ pub fn parse_device(text: &str) -> Result<DeviceConfig, CliError> {
                 iothread: optional_string(&kv, "iothread"),
             }))
         }
+        "virtio-balloon-device" => {
+            kv.check_keys(&["driver", "id", "deflate-on-oom"])?;
+            Ok(DeviceConfig::Balloon(BalloonDeviceConfig {
+                id: optional_string(&kv, "id"),
+                deflate_on_oom: kv.get_bool("deflate-on-oom")?.unwrap_or(false),
+            }))
+        }
         _ => match UNIMPLEMENTED_DEVICES.iter().find(|(d, _)| *d == driver) {
             Some((_, issue)) => Err(not_implemented(format!("-device {driver}"), *issue)),
             None => Err(CliError::invalid(
                 "device",
                 format!(
-                    "unknown device '{driver}' (supported: virtio-blk-device, virtio-net-device)"
+                    "unknown device '{driver}' (supported: virtio-blk-device, virtio-net-device, virtio-balloon-device)"
                 ),
             )),
         },
@@ -426,6 +445,24 @@ mod tests {
     }
 
     #[test]
+    fn balloon() {
+        assert_eq!(
+            parse_device("virtio-balloon-device,deflate-on-oom=true,id=b").unwrap(),
+            DeviceConfig::Balloon(BalloonDeviceConfig {
+                id: Some("b".into()),
+                deflate_on_oom: true
+            })
+        );
+        assert_eq!(
+            parse_device("virtio-balloon-device").unwrap(),
+            DeviceConfig::Balloon(BalloonDeviceConfig {
+                id: None,
+                deflate_on_oom: false
+            })
+        );
+    }
+
+    #[test]
     fn drives() {
         let d = parse_drive("id=rootfs,file=/img.raw").unwrap();
         assert_eq!(
@@ -558,9 +595,10 @@ mod tests {
                 "unknown parameter 'drive'",
             ),
             (
-                "virtio-balloon-device,deflate-on-oom=true",
-                "-device virtio-balloon-device: not implemented yet (issue 7)",
+                "virtio-balloon-device,deflate-on-oom=maybe",
+                "deflate-on-oom",
             ),
+            ("virtio-balloon-device,size=1", "unknown parameter 'size'"),
             (
                 "virtio-blk-pci,drive=d,bus=pcie.0,addr=0x3",
                 "-device virtio-blk-pci: not implemented yet (issue 4)",

@@ -230,6 +230,18 @@ impl GatewayConfig {
     pub fn from_options(opts: &ParsedOptions) -> Result<Self, CliError> {
         // Valid StratoVirt that we do not do yet, before anything else: the message should
         // name the real obstacle.
+        // StratoVirt: hugepages and the balloon exclude each other (inflated hugepages free
+        // nothing). Said before the generic refusal of -mem-path, which would hide it.
+        if opts.has("mem-path")
+            && opts
+                .values("device")
+                .any(|d| d.starts_with("virtio-balloon"))
+        {
+            return Err(CliError::invalid(
+                "device",
+                "virtio-balloon-device and -mem-path are mutually exclusive (a balloon cannot give hugepages back)",
+            ));
+        }
         for (option, issue) in [("incoming", None), ("mem-path", None)] {
             if opts.has(option) {
                 return Err(not_implemented(&format!("-{option}"), issue));
@@ -423,6 +435,7 @@ fn check_devices(
 ) -> Result<(), CliError> {
     let mut used_drives = HashSet::new();
     let mut used_netdevs = HashSet::new();
+    let mut balloons = 0;
     for d in devices {
         if let Some(t) = d.iothread() {
             if !iothreads.iter().any(|i| i == t) {
@@ -446,6 +459,15 @@ fn check_devices(
                         format!("drive '{}' is used by two devices", b.drive),
                     ));
                 }
+            }
+            DeviceConfig::Balloon(_) => {
+                if balloons > 0 {
+                    return Err(CliError::invalid(
+                        "device",
+                        "only one virtio-balloon-device per VM",
+                    ));
+                }
+                balloons += 1;
             }
             DeviceConfig::Net(n) => {
                 if !netdevs.iter().any(|nd| nd.id == n.netdev) {

@@ -192,8 +192,22 @@ fn not_implemented_options_are_refused_by_name() {
         "rng-random",
     );
     fails(
-        &["-device", "virtio-balloon-device"],
-        "-device virtio-balloon-device: not implemented yet (issue 7)",
+        &[
+            "-device",
+            "virtio-balloon-device",
+            "-device",
+            "virtio-balloon-device,id=b2",
+        ],
+        "only one virtio-balloon-device per VM",
+    );
+    fails(
+        &[
+            "-device",
+            "virtio-balloon-device,deflate-on-oom=true",
+            "-mem-path",
+            "/dev/hugepages",
+        ],
+        "virtio-balloon-device and -mem-path are mutually exclusive",
     );
     fails(&["-drive", "id=d,file=/d,format=qcow2"], "(issue 8)");
     fails(&["-netdev", "tap,id=n,ifname=t,vhost=on"], "(issue 6)");

@@ -73,8 +73,14 @@ fn blockdev(node: &str, file: &Path) -> Map<String, Value> {
     }))
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// Descriptors of this process open on files under `dir` (other tests run in parallel, so
+/// only the fixture's own files are counted).
+fn open_fds_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
 }
 
 #[test]
@@ -123,7 +129,7 @@ fn every_error_leaves_nothing_behind() {
     let f = fixture("errors");
     let a = f.dir.join("a.img");
     let b = f.dir.join("b.img");
-    let before = open_fds();
+    let before = open_fds_under(&f.dir);
     let cases: Vec<(Map<String, Value>, &str)> = vec![
         (blockdev("", &a), "non-empty"),
         (
@@ -160,7 +166,7 @@ fn every_error_leaves_nothing_behind() {
         assert!(e.desc.contains(want), "{a:?}: {}", e.desc);
     }
     assert_eq!(
-        open_fds(),
+        open_fds_under(&f.dir),
         before,
         "a refused blockdev-add keeps no descriptor"
     );
@@ -212,13 +218,17 @@ fn every_error_leaves_nothing_behind() {
         ),
         (json!({"id": "", "driver": "virtio-blk-mmio"}), "non-empty"),
     ];
-    let fds = open_fds();
+    let fds = open_fds_under(&f.dir);
     for (a, want) in device_cases {
         let e = f.hp.device_add(&args(a.clone())).unwrap_err();
         assert!(e.desc.contains(want), "{a}: {}", e.desc);
         assert_eq!(f.sup.list().len(), 1, "{a}: no stray backend");
     }
-    assert_eq!(open_fds(), fds, "refused device_adds keep no descriptor");
+    assert_eq!(
+        open_fds_under(&f.dir),
+        fds,
+        "refused device_adds keep no descriptor"
+    );
     let e = f.hp.device_del(&args(json!({"id": "nope"}))).unwrap_err();
     assert_eq!(e.desc, "Device 'nope' not found");
     let e =

@@ -120,6 +120,19 @@ pub fn blk_spec(program: PathBuf, opts: &BlkOptions, image: OwnedFd) -> BackendS
     }
 }
 
+/// The flotilla-balloon spec (it needs no descriptor but its socket).
+pub fn balloon_spec(program: PathBuf, deflate_on_oom: bool) -> BackendSpec {
+    let mut args: Vec<String> = vec!["--fd".into(), FIRST_CHILD_FD.to_string()];
+    if deflate_on_oom {
+        args.push("--deflate-on-oom".into());
+    }
+    BackendSpec {
+        program,
+        args,
+        fds: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,10 +7,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::Child;
 
-use super::backend::{blk_spec, BackendSpec, BlkOptions};
+use super::backend::{balloon_spec, blk_spec, BackendSpec, BlkOptions};
 use super::pidfd::Pidfd;
 use super::spawn::{sibling_program, spawn_with_fds, FIRST_CHILD_FD};
-use crate::cli::devices::{AioEngine, DeviceConfig, DriveConfig};
+use crate::cli::devices::{AioEngine, BlkDeviceConfig, DeviceConfig, DriveConfig};
 use crate::cli::{GatewayConfig, SerialConfig};
 
 /// Disk slots of microvm (the core's `blk0`..`blk5`), cold- and hot-plugged disks together.
@@ -56,14 +56,16 @@ impl LaunchError {
 pub struct ColdBackend {
     /// Device id.
     pub id: String,
-    /// The `-drive` it serves.
-    pub drive: String,
+    /// QMP driver name.
+    pub driver: &'static str,
+    /// The `-drive` it serves (disks).
+    pub drive: Option<String>,
     /// The core's slot (`blk0`, ...): cold-plugged disks fill the first slots in order.
     pub slot: String,
     /// How to start it again.
     pub spec: BackendSpec,
-    /// The running process.
-    pub pidfd: Pidfd,
+    /// The running process (set once started).
+    pub pidfd: Option<Pidfd>,
 }
 
 /// The VM's processes.
@@ -76,9 +78,11 @@ pub struct LaunchedVm {
     pub backends: Vec<ColdBackend>,
 }
 
-struct Disk {
+/// A device the core gets on its command line: `-device` text naming chardev `vu-ID`, and the
+/// core's end of the backend's socketpair.
+struct CoreDevice {
     id: String,
-    num_queues: u16,
+    device: String,
     core_end: UnixStream,
 }
 
@@ -108,8 +112,9 @@ pub fn open_image(path: &std::path::Path, read_only: bool) -> std::io::Result<Fi
     OpenOptions::new().read(true).write(!read_only).open(path)
 }
 
-/// The core's command line; disk `k`'s socket is inherited at fd 4+k (3 is the control socket).
-fn core_args(config: &GatewayConfig, disks: &[Disk]) -> Vec<String> {
+/// The core's command line; device `k`'s socket is inherited at fd 4+k (3 is the control
+/// socket).
+fn core_args(config: &GatewayConfig, devices: &[CoreDevice]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-kernel".into(),
         config.kernel.to_string_lossy().into_owned(),
@@ -141,16 +146,13 @@ fn core_args(config: &GatewayConfig, disks: &[Disk]) -> Vec<String> {
         Some(None) => args.push("-D".into()),
         None => {}
     }
-    for (k, disk) in disks.iter().enumerate() {
+    for (k, dev) in devices.iter().enumerate() {
         let fd = FIRST_CHILD_FD + 1 + k as i32;
         args.extend([
             "-chardev".into(),
-            format!("socket,id=vu-{},fd={fd}", disk.id),
+            format!("socket,id=vu-{},fd={fd}", dev.id),
             "-device".into(),
-            format!(
-                "vhost-user-blk-device,id={},chardev=vu-{},num-queues={}",
-                disk.id, disk.id, disk.num_queues
-            ),
+            dev.device.clone(),
         ]);
     }
     args
@@ -158,28 +160,33 @@ fn core_args(config: &GatewayConfig, disks: &[Disk]) -> Vec<String> {
 
 /// Starts the backends and the core.
 pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
-    let mut disks = Vec::new();
+    let mut core_devices = Vec::new();
     let mut backends = Vec::new();
-    let blk_program = sibling_program("flotilla-blk", "FLOTILLA_BLK");
-    let disk_count = config
+    let disks: Vec<&BlkDeviceConfig> = config
         .devices
         .iter()
-        .filter(|d| matches!(d, DeviceConfig::Blk(_)))
-        .count();
-    if disk_count > BLK_SLOTS {
+        .filter_map(|d| match d {
+            DeviceConfig::Blk(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    if disks.len() > BLK_SLOTS {
         return Err(LaunchError::NotImplemented(format!(
-            "more than {BLK_SLOTS} disks (microvm has {BLK_SLOTS} disk slots, hot-plugged ones included); {disk_count} disks"
+            "more than {BLK_SLOTS} disks (microvm has {BLK_SLOTS} disk slots, hot-plugged ones included); {} disks",
+            disks.len()
         )));
     }
-    for (n, device) in config.devices.iter().enumerate() {
-        let dev = match device {
-            DeviceConfig::Blk(b) => b,
-            DeviceConfig::Net(_) => {
-                return Err(LaunchError::NotImplemented(
-                    "virtio-net-device (issue 6: flotilla-net)".into(),
-                ))
-            }
-        };
+    if config
+        .devices
+        .iter()
+        .any(|d| matches!(d, DeviceConfig::Net(_)))
+    {
+        return Err(LaunchError::NotImplemented(
+            "virtio-net-device (issue 6: flotilla-net)".into(),
+        ));
+    }
+    let blk_program = sibling_program("flotilla-blk", "FLOTILLA_BLK");
+    for (n, dev) in disks.into_iter().enumerate() {
         let id = dev.id.clone().unwrap_or_else(|| format!("blk{n}"));
         let drive = config
             .drives
@@ -200,29 +207,55 @@ pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
             ..drive_options(drive)
         };
         let spec = blk_spec(blk_program.clone(), &opts, image.into());
-        let inc = spec
-            .spawn()
-            .map_err(spawn_err(format!("{} for '{id}'", blk_program.display())))?;
-        log::info!("disk '{id}': flotilla-blk pid {}", inc.pidfd.pid());
-        backends.push(ColdBackend {
-            id: id.clone(),
-            drive: drive.id.clone(),
-            slot: format!("blk{}", disks.len()),
-            spec,
-            pidfd: inc.pidfd,
-        });
-        disks.push(Disk {
-            id,
-            num_queues: dev.num_queues.unwrap_or(1),
-            core_end: inc.core_end,
-        });
+        let device = format!(
+            "vhost-user-blk-device,id={id},chardev=vu-{id},num-queues={}",
+            dev.num_queues.unwrap_or(1)
+        );
+        start_cold(
+            &mut core_devices,
+            &mut backends,
+            ColdBackend {
+                id,
+                driver: "virtio-blk-device",
+                drive: Some(drive.id.clone()),
+                slot: format!("blk{n}"),
+                spec,
+                pidfd: None,
+            },
+            device,
+        )?;
+    }
+    for dev in config.devices.iter().filter_map(|d| match d {
+        DeviceConfig::Balloon(b) => Some(b),
+        _ => None,
+    }) {
+        let id = dev.id.clone().unwrap_or_else(|| "balloon0".into());
+        let program = sibling_program("flotilla-balloon", "FLOTILLA_BALLOON");
+        let spec = balloon_spec(program, dev.deflate_on_oom);
+        let device = format!(
+            "vhost-user-balloon-device,id={id},chardev=vu-{id},deflate-on-oom={}",
+            if dev.deflate_on_oom { "on" } else { "off" }
+        );
+        start_cold(
+            &mut core_devices,
+            &mut backends,
+            ColdBackend {
+                id,
+                driver: "virtio-balloon-device",
+                drive: None,
+                slot: "balloon0".into(),
+                spec,
+                pidfd: None,
+            },
+            device,
+        )?;
     }
     let (control, core_control) =
         UnixStream::pair().map_err(spawn_err("the control socketpair"))?;
     let mut fds: Vec<&dyn AsRawFd> = vec![&core_control];
-    fds.extend(disks.iter().map(|d| &d.core_end as &dyn AsRawFd));
+    fds.extend(core_devices.iter().map(|d| &d.core_end as &dyn AsRawFd));
     let core_program = sibling_program("flotilla-vmm", "FLOTILLA_VMM");
-    let core = spawn_with_fds(&core_program, &core_args(config, &disks), &fds)
+    let core = spawn_with_fds(&core_program, &core_args(config, &core_devices), &fds)
         .map_err(spawn_err(core_program.display().to_string()))?;
     log::info!("core: flotilla-vmm pid {}", core.id());
     Ok(LaunchedVm {
@@ -230,4 +263,33 @@ pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
         control,
         backends,
     })
+}
+
+/// Starts a cold-plugged backend; its socket goes to the core with `device`.
+fn start_cold(
+    core_devices: &mut Vec<CoreDevice>,
+    backends: &mut Vec<ColdBackend>,
+    mut backend: ColdBackend,
+    device: String,
+) -> Result<(), LaunchError> {
+    let inc = backend.spec.spawn().map_err(spawn_err(format!(
+        "{} for '{}'",
+        backend.spec.program.display(),
+        backend.id
+    )))?;
+    log::info!(
+        "{} '{}': {} pid {}",
+        backend.driver,
+        backend.id,
+        backend.spec.program.display(),
+        inc.pidfd.pid()
+    );
+    core_devices.push(CoreDevice {
+        id: backend.id.clone(),
+        device,
+        core_end: inc.core_end,
+    });
+    backend.pidfd = Some(inc.pidfd);
+    backends.push(backend);
+    Ok(())
 }
