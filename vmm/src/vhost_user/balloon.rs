@@ -49,7 +49,7 @@ fn guest_bytes(mem_bytes: u64, pages: u32) -> u64 {
 }
 
 impl ConfigPolicy for BalloonConfig {
-    fn from_backend(&self) -> bool {
+    fn backend_owns_config(&self) -> bool {
         false
     }
 

@@ -87,7 +87,7 @@ pub trait ConfigPolicy: Send {
     /// Whether the config space is the backend's (read with GET_CONFIG on attach, guest writes
     /// forwarded with SET_CONFIG). Otherwise the core owns it and the backend never sees it,
     /// so a restarted backend needs no state (a NIC's MAC and link, the balloon's target).
-    fn from_backend(&self) -> bool {
+    fn backend_owns_config(&self) -> bool {
         true
     }
     /// Adjusts the config when a backend is attached (e.g. link up).
@@ -430,7 +430,7 @@ impl VhostUserDevice {
         } else {
             None
         };
-        if self.policy.from_backend()
+        if self.policy.backend_owns_config()
             && protocol.is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG))
         {
             refresh_config(&mut conn, &self.config).map_err(FrontendError::Config)?;
@@ -464,7 +464,7 @@ impl VhostUserDevice {
     ) -> Result<OwnedFd, FrontendError> {
         let channel = BackendChannel {
             name: self.name.clone(),
-            from_backend: self.policy.from_backend(),
+            from_backend: self.policy.backend_owns_config(),
             conn: Mutex::new(conn.clone()),
             config: self.config.clone(),
             interrupt: self.interrupt.clone(),
@@ -642,7 +642,7 @@ impl VirtioDevice for VhostUserDevice {
             config[end - data.len()..end].copy_from_slice(data);
             self.policy.on_guest_write(end - data.len(), &config);
         }
-        if !self.policy.from_backend() {
+        if !self.policy.backend_owns_config() {
             return;
         }
         if let Some(b) = self.backend.as_mut() {
