@@ -15,8 +15,9 @@ use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
 use crate::events::EventRelay;
 use crate::exit::VmExit;
-use crate::hotplug::{SlotDevice, SlotKind, BLK_SLOTS};
+use crate::hotplug::{SlotDevice, SlotKind, BLK_SLOTS, NET_SLOTS};
 use crate::vhost_user::balloon::{vhost_user_balloon, BalloonHandle};
+use crate::vhost_user::net;
 use crate::vhost_user::{blk, memory::MemoryTable};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
@@ -389,6 +390,60 @@ fn add_blk_slots(
     Ok(())
 }
 
+/// Creates the two NIC slots: cold-plugged NICs fill the first ones with their backends
+/// attached (link up), the rest start empty (link down) with a MAC made up for this VM.
+fn add_net_slots(
+    config: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    table: &MemoryTable,
+    devices: &mut DeviceManager,
+) -> Result<(), BuildError> {
+    let nics = config.nics();
+    if nics.len() > NET_SLOTS {
+        return Err(BuildError::Backend {
+            id: nics[NET_SLOTS].id.clone(),
+            reason: format!("microvm has {NET_SLOTS} NIC slots, hot-plugged NICs included"),
+        });
+    }
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for index in 0..NET_SLOTS {
+        let slot = format!("{}{index}", SlotKind::Net.prefix());
+        let nic = nics.get(index).copied();
+        let backend_err = |reason: String| BuildError::Backend {
+            id: nic.map_or(slot.clone(), |d| d.id.clone()),
+            reason,
+        };
+        let mac = match nic.map(|n| &n.kind) {
+            Some(VhostUserKind::Net { mac: Some(mac) }) => *mac,
+            _ => net::slot_mac(seed, index as u8),
+        };
+        let mut device = net::vhost_user_net(&slot, mac, &ram.memory, table)
+            .map_err(|e| backend_err(e.to_string()))?;
+        if let Some(nic) = nic {
+            let stream = backend_stream(&nic.socket).map_err(&backend_err)?;
+            device
+                .attach(stream)
+                .map_err(|e| backend_err(e.to_string()))?;
+        }
+        let shared = Arc::new(Mutex::new(device));
+        let transport = SlotDevice::new(shared.clone())
+            .map_err(|e| backend_err(format!("cannot share the device: {e}")))?;
+        let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(transport))?;
+        log::info!(
+            "{slot}{}: vhost-user NIC slot at {:#x}, IRQ {}",
+            nic.map(|d| format!(" ({})", d.id)).unwrap_or_default(),
+            info.base,
+            info.irq
+        );
+        devices.slots.push(slot, SlotKind::Net, info, shared);
+    }
+    Ok(())
+}
+
 /// Adds the balloon, when one is configured, with its backend attached.
 fn add_balloon(
     config: &VmConfig,
@@ -456,6 +511,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     devices.add_legacy_devices(vm.fd(), serial_out, exit_tx.clone())?;
     let table = MemoryTable::new(&ram);
     add_blk_slots(config, &vm, &ram, &table, &mut devices)?;
+    add_net_slots(config, &vm, &ram, &table, &mut devices)?;
     let events = EventRelay::default();
     add_balloon(config, &vm, &ram, &table, &mut devices, &events)?;
     let entry = load_guest(config, &mut images, &ram, &devices)?;

@@ -62,6 +62,14 @@ impl VmConfig {
             .collect()
     }
 
+    /// The NICs, in slot order.
+    pub fn nics(&self) -> Vec<&VhostUserConfig> {
+        self.vhost_user
+            .iter()
+            .filter(|d| matches!(d.kind, VhostUserKind::Net { .. }))
+            .collect()
+    }
+
     /// The balloon, if any (at most one).
     pub fn balloon(&self) -> Option<&VhostUserConfig> {
         self.vhost_user
@@ -89,6 +97,11 @@ pub enum VhostUserKind {
     Blk {
         /// Queues the device offers.
         num_queues: u16,
+    },
+    /// `vhost-user-net-device[,mac=MAC]`.
+    Net {
+        /// The MAC the guest sees (else one is made up per slot).
+        mac: Option<[u8; 6]>,
     },
     /// `vhost-user-balloon-device[,deflate-on-oom=on|off]`.
     Balloon {
@@ -148,14 +161,30 @@ fn parse_vhost_user(opts: &ParsedOptions) -> Result<Vec<VhostUserConfig>, Option
     let mut devices: Vec<VhostUserConfig> = Vec::new();
     for text in opts.values("device") {
         let kv = KeyValues::parse("device", text, Some("driver"))?;
-        kv.check_keys(&["driver", "id", "chardev", "num-queues", "deflate-on-oom"])?;
+        kv.check_keys(&[
+            "driver",
+            "id",
+            "chardev",
+            "num-queues",
+            "deflate-on-oom",
+            "mac",
+        ])?;
         let driver = kv.get("driver").unwrap_or_default();
-        if !["vhost-user-blk-device", "vhost-user-balloon-device"].contains(&driver) {
+        if ![
+            "vhost-user-blk-device",
+            "vhost-user-net-device",
+            "vhost-user-balloon-device",
+        ]
+        .contains(&driver)
+        {
             return Err(kv.invalid(
                 "driver",
                 driver,
-                "expected vhost-user-blk-device or vhost-user-balloon-device",
+                "expected vhost-user-blk-device, vhost-user-net-device or vhost-user-balloon-device",
             ));
+        }
+        if driver != "vhost-user-net-device" && kv.get("mac").is_some() {
+            return Err(kv.invalid("mac", "", "only for a NIC"));
         }
         let id = kv
             .get("id")
@@ -170,7 +199,20 @@ fn parse_vhost_user(opts: &ParsedOptions) -> Result<Vec<VhostUserConfig>, Option
             .find(|(c, _)| c == chardev)
             .map(|(_, p)| p.clone())
             .ok_or_else(|| kv.invalid("chardev", chardev, "no -chardev with this id"))?;
-        let kind = if driver == "vhost-user-balloon-device" {
+        let kind = if driver == "vhost-user-net-device" {
+            if kv.get("num-queues").is_some() || kv.get("deflate-on-oom").is_some() {
+                return Err(kv.invalid("driver", driver, "a NIC takes only id, chardev and mac"));
+            }
+            let mac = kv
+                .get("mac")
+                .map(|m| {
+                    parse_mac(m).ok_or_else(|| {
+                        kv.invalid("mac", m, "expected a unicast MAC such as 52:54:00:12:34:56")
+                    })
+                })
+                .transpose()?;
+            VhostUserKind::Net { mac }
+        } else if driver == "vhost-user-balloon-device" {
             if kv.get("num-queues").is_some() {
                 return Err(kv.invalid("num-queues", "", "a balloon has no request queues"));
             }
@@ -261,6 +303,17 @@ impl VmConfig {
             vhost_user: parse_vhost_user(opts)?,
         })
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, unicast.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
 }
 
 fn invalid(option: &str, value: &str, reason: &str) -> OptionError {
@@ -426,6 +479,24 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.disks().len(), 1);
+        let n = config(&[
+            "-kernel",
+            "k",
+            "-chardev",
+            "socket,id=c,fd=5",
+            "-device",
+            "vhost-user-net-device,id=n,chardev=c,mac=52:54:00:00:00:07",
+        ])
+        .unwrap();
+        assert_eq!(
+            n.nics()[0].kind,
+            VhostUserKind::Net {
+                mac: Some([0x52, 0x54, 0, 0, 0, 7])
+            }
+        );
+        assert!(parse_mac("01:00:00:00:00:00").is_none());
+        assert!(parse_mac("52:54:00:00:00").is_none());
+        assert!(parse_mac("52:54:00:00:00:0g").is_none());
         assert_eq!(
             c.balloon().map(|b| &b.kind),
             Some(&VhostUserKind::Balloon {

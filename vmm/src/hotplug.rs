@@ -23,12 +23,16 @@ use crate::vhost_user::frontend::{BackendState, VhostUserDevice};
 
 /// Block slots on microvm, cold-plugged disks included (StratoVirt: at most 6 disks).
 pub const BLK_SLOTS: usize = 6;
+/// NIC slots on microvm, cold-plugged NICs included (StratoVirt: eth0 and eth1 from boot).
+pub const NET_SLOTS: usize = 2;
 
 /// What a slot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotKind {
     /// virtio-blk.
     Blk,
+    /// virtio-net.
+    Net,
     /// virtio-balloon (cold-plugged only, but its backend is replaceable like any other).
     Balloon,
 }
@@ -38,6 +42,7 @@ impl SlotKind {
     pub fn prefix(self) -> &'static str {
         match self {
             SlotKind::Blk => "blk",
+            SlotKind::Net => "net",
             SlotKind::Balloon => "balloon",
         }
     }

@@ -8,5 +8,6 @@ pub mod balloon;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
+pub mod net;
 
 pub use frontend::{FrontendError, VhostUserDevice};
