@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use serde_json::{json, Map, Value};
 
-use crate::hotplug::Hotplug;
+use crate::hotplug::{Hotplug, TapSource};
 use crate::qmp::schema::STRATOVIRT_COMMANDS;
 use crate::qmp::{ClientCtx, CommandHandler, CommandSpec, EventBus, QmpError};
 use crate::supervisor::Supervisor;
@@ -98,6 +98,58 @@ impl GatewayHandler {
             supervisor: Some(supervisor),
             ..self
         }
+    }
+
+    /// `netdev_add`: a tap by `ifname`, or by `fd`/`fds` naming a descriptor stored with
+    /// `getfd` (as Kata Containers passes it). One queue pair only.
+    fn netdev_add(&self, hotplug: &Hotplug, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+        if let Some(t) = args
+            .get("type")
+            .and_then(Value::as_str)
+            .filter(|t| *t != "tap")
+        {
+            return Err(QmpError::generic(format!(
+                "netdev type '{t}' is not supported (only tap)"
+            )));
+        }
+        if args.get("vhost").and_then(Value::as_bool) == Some(true)
+            || args.contains_key("vhostfd")
+            || args.contains_key("vhostfds")
+        {
+            return Err(QmpError::generic(
+                "vhost-net is not used: flotilla's NIC backend is the flotilla-net process",
+            ));
+        }
+        if args
+            .get("queues")
+            .and_then(Value::as_u64)
+            .is_some_and(|q| q != 1)
+        {
+            return Err(QmpError::generic("only queues=1 is supported"));
+        }
+        let named = ["fd", "fds"]
+            .iter()
+            .find_map(|k| args.get(*k).and_then(Value::as_str));
+        let source = match (args.get("ifname").and_then(Value::as_str), named) {
+            (Some(name), None) => TapSource::Ifname(name.to_string()),
+            (None, Some(name)) if name.contains(':') => {
+                return Err(QmpError::generic(
+                    "fds with several descriptors (multi-queue) is not supported",
+                ))
+            }
+            (None, Some(name)) => TapSource::Fd(self.take_named_fd(name).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "no descriptor named '{name}' (pass it with getfd first)"
+                ))
+            })?),
+            _ => {
+                return Err(QmpError::generic(
+                    "netdev_add needs exactly one of 'ifname' and 'fd'/'fds'",
+                ))
+            }
+        };
+        hotplug.netdev_add(id, source)
     }
 
     fn fds(&self) -> std::sync::MutexGuard<'_, HashMap<String, OwnedFd>> {
@@ -219,6 +271,11 @@ impl CommandHandler for GatewayHandler {
                 "blockdev-del" => return hotplug.blockdev_del(&args),
                 "device_add" => return hotplug.device_add(&args),
                 "device_del" => return hotplug.device_del(&args),
+                "netdev_add" => return self.netdev_add(hotplug, &args),
+                "netdev_del" => {
+                    let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+                    return hotplug.netdev_del(id);
+                }
                 _ => {}
             }
         }

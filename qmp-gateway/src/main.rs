@@ -84,6 +84,7 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
         core_link.clone(),
         events.clone(),
         sibling_program("flotilla-blk", "FLOTILLA_BLK"),
+        sibling_program("flotilla-net", "FLOTILLA_NET"),
     ));
     adopt_backends(config, &supervisor, &hotplug, vm.backends)?;
     let handler = Arc::new(
@@ -175,20 +176,30 @@ fn adopt_backends(
     hotplug: &Hotplug,
     backends: Vec<ColdBackend>,
 ) -> Result<(), (String, u8)> {
-    for (slot, b) in backends.into_iter().enumerate() {
+    for b in backends {
+        // The slot's index within its kind: blk3 -> 3.
+        let index = b
+            .slot
+            .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+            .parse::<usize>()
+            .unwrap_or(0);
+        let resource = || {
+            b.spec
+                .fds
+                .first()
+                .and_then(|fd| fd.try_clone().ok())
+                .ok_or_else(|| (format!("device '{}': descriptor lost", b.id), 1))
+        };
         let drive = b
             .drive
             .as_ref()
             .and_then(|id| config.drives.iter().find(|d| &d.id == id));
         if let Some(drive) = drive {
-            let image = b
-                .spec
-                .fds
-                .first()
-                .and_then(|fd| fd.try_clone().ok())
-                .map(std::fs::File::from)
-                .ok_or_else(|| (format!("disk '{}': image descriptor lost", b.id), 1))?;
-            hotplug.register_cold_disk(&b.id, &drive.id, slot, drive_options(drive), image);
+            let image = std::fs::File::from(resource()?);
+            hotplug.register_cold_disk(&b.id, &drive.id, index, drive_options(drive), image);
+        }
+        if let Some(netdev) = &b.netdev {
+            hotplug.register_cold_nic(&b.id, netdev, index, resource()?);
         }
         let pidfd = b
             .pidfd

@@ -61,7 +61,13 @@ fn fixture(name: &str) -> Fixture {
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
     let core = Arc::new(FakeCore::default());
     let sup = Supervisor::new(core.clone(), Arc::new(Nothing));
-    let hp = Hotplug::new(sup.clone(), core.clone(), EventBus::new(), program);
+    let hp = Hotplug::new(
+        sup.clone(),
+        core.clone(),
+        EventBus::new(),
+        program.clone(),
+        program,
+    );
     Fixture { dir, core, sup, hp }
 }
 
@@ -264,4 +270,47 @@ fn six_slots_then_full() {
         f.hp.device_add(&args(json!({"id": "n6", "driver": "virtio-blk-mmio"})))
             .unwrap_err();
     assert_eq!(e.desc, "All 6 disk slots are in use");
+}
+
+/// NICs, with a real tap in a network namespace of this test's own (the thread unshares
+/// its network namespace; nothing outside it is touched).
+#[test]
+fn a_nic_is_plugged_and_unplugged_through_its_netdev() {
+    let f = fixture("nic");
+    let result = std::thread::spawn(move || {
+        // SAFETY: unshare with a namespace flag only affects this thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let e = f.hp.netdev_add("n0", TapSource::Ifname("bad/name".into()));
+        assert!(e.unwrap_err().desc.contains("cannot open tap 'bad/name'"));
+        f.hp.netdev_add("n0", TapSource::Ifname("fltap0".into()))
+            .map_err(|e| e.desc)?;
+        let e = f.hp.netdev_add("n0", TapSource::Ifname("fltap1".into()));
+        assert_eq!(e.unwrap_err().desc, "Duplicate netdev id 'n0'");
+        // A passed descriptor must be a tap with a vnet header.
+        let plain = std::fs::File::open("/proc/self/stat").unwrap();
+        let e = f.hp.netdev_add("n1", TapSource::Fd(plain.into()));
+        assert!(e.unwrap_err().desc.contains("is not a tap"));
+        f.hp.device_add(&args(json!({"id": "n0", "driver": "virtio-net-mmio", "addr": "0x1", "mac": "52:54:00:00:00:01"})))
+            .map_err(|e| e.desc)?;
+        assert_eq!(f.sup.list()[0].slot, "net1");
+        let e = f.hp.device_add(&args(json!({"id": "x", "driver": "virtio-net-mmio", "addr": "0x2", "netdev": "n0"})));
+        assert!(e.unwrap_err().desc.contains("already used by device 'n0'"));
+        let e = f.hp.netdev_del("n0").unwrap_err();
+        assert!(e.desc.contains("in use by device 'n0'"));
+        f.hp.device_del(&args(json!({"id": "n0"}))).map_err(|e| e.desc)?;
+        f.hp.netdev_del("n0").map_err(|e| e.desc)?;
+        assert_eq!(
+            *f.core.0.lock().unwrap(),
+            ["attach net1", "detach net1 true"]
+        );
+        Ok(())
+    })
+    .join()
+    .unwrap();
+    result.unwrap();
 }

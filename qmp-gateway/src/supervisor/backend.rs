@@ -120,6 +120,31 @@ pub fn blk_spec(program: PathBuf, opts: &BlkOptions, image: OwnedFd) -> BackendS
     }
 }
 
+/// The flotilla-net spec for `tap` (`mac` only names the device in the backend's logs and
+/// config; the core owns the MAC the guest sees).
+pub fn net_spec(program: PathBuf, mac: Option<[u8; 6]>, tap: OwnedFd) -> BackendSpec {
+    let mut args: Vec<String> = vec![
+        "--fd".into(),
+        FIRST_CHILD_FD.to_string(),
+        "--tap-fd".into(),
+        BackendSpec::fd_number(0).to_string(),
+    ];
+    if let Some(m) = mac {
+        args.extend([
+            "--mac".into(),
+            format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ),
+        ]);
+    }
+    BackendSpec {
+        program,
+        args,
+        fds: vec![tap],
+    }
+}
+
 /// The flotilla-balloon spec (it needs no descriptor but its socket).
 pub fn balloon_spec(program: PathBuf, deflate_on_oom: bool) -> BackendSpec {
     let mut args: Vec<String> = vec!["--fd".into(), FIRST_CHILD_FD.to_string()];

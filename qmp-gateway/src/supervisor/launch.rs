@@ -7,14 +7,19 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::Child;
 
-use super::backend::{balloon_spec, blk_spec, BackendSpec, BlkOptions};
+use super::backend::{balloon_spec, blk_spec, net_spec, BackendSpec, BlkOptions};
 use super::pidfd::Pidfd;
 use super::spawn::{sibling_program, spawn_with_fds, FIRST_CHILD_FD};
-use crate::cli::devices::{AioEngine, BlkDeviceConfig, DeviceConfig, DriveConfig};
+use super::tap;
+use crate::cli::devices::{
+    AioEngine, BlkDeviceConfig, DeviceConfig, DriveConfig, NetDeviceConfig, TapConfig,
+};
 use crate::cli::{GatewayConfig, SerialConfig};
 
 /// Disk slots of microvm (the core's `blk0`..`blk5`), cold- and hot-plugged disks together.
 pub const BLK_SLOTS: usize = 6;
+/// NIC slots of microvm (the core's `net0`, `net1`: the guest's eth0 and eth1).
+pub const NET_SLOTS: usize = 2;
 
 /// Why the VM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +34,14 @@ pub enum LaunchError {
         id: String,
         /// Image path.
         path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A tap could not be opened.
+    #[error("netdev '{id}': {source}")]
+    Tap {
+        /// Netdev id.
+        id: String,
         /// Underlying error.
         source: std::io::Error,
     },
@@ -60,6 +73,8 @@ pub struct ColdBackend {
     pub driver: &'static str,
     /// The `-drive` it serves (disks).
     pub drive: Option<String>,
+    /// The `-netdev` it serves (NICs).
+    pub netdev: Option<String>,
     /// The core's slot (`blk0`, ...): cold-plugged disks fill the first slots in order.
     pub slot: String,
     /// How to start it again.
@@ -176,14 +191,19 @@ pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
             disks.len()
         )));
     }
-    if config
+    let nics: Vec<&NetDeviceConfig> = config
         .devices
         .iter()
-        .any(|d| matches!(d, DeviceConfig::Net(_)))
-    {
-        return Err(LaunchError::NotImplemented(
-            "virtio-net-device (issue 6: flotilla-net)".into(),
-        ));
+        .filter_map(|d| match d {
+            DeviceConfig::Net(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    if nics.len() > NET_SLOTS {
+        return Err(LaunchError::NotImplemented(format!(
+            "more than {NET_SLOTS} NICs (microvm has {NET_SLOTS} NIC slots, hot-plugged ones included); {} NICs",
+            nics.len()
+        )));
     }
     let blk_program = sibling_program("flotilla-blk", "FLOTILLA_BLK");
     for (n, dev) in disks.into_iter().enumerate() {
@@ -218,7 +238,49 @@ pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
                 id,
                 driver: "virtio-blk-device",
                 drive: Some(drive.id.clone()),
+                netdev: None,
                 slot: format!("blk{n}"),
+                spec,
+                pidfd: None,
+            },
+            device,
+        )?;
+    }
+    let net_program = sibling_program("flotilla-net", "FLOTILLA_NET");
+    for (n, nic) in nics.into_iter().enumerate() {
+        let id = nic.id.clone().unwrap_or_else(|| format!("net{n}"));
+        let netdev = config
+            .netdevs
+            .iter()
+            .find(|d| d.id == nic.netdev)
+            .ok_or_else(|| {
+                LaunchError::NotImplemented(format!("device '{id}' without its -netdev"))
+            })?;
+        let tap = match &netdev.tap {
+            TapConfig::Ifname(name) => tap::open_tap(name),
+            TapConfig::Fd(fd) => tap::adopt_tap(*fd),
+        }
+        .map_err(|source| LaunchError::Tap {
+            id: netdev.id.clone(),
+            source,
+        })?;
+        let spec = net_spec(net_program.clone(), nic.mac, tap);
+        let mut device = format!("vhost-user-net-device,id={id},chardev=vu-{id}");
+        if let Some(m) = nic.mac {
+            device.push_str(&format!(
+                ",mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ));
+        }
+        start_cold(
+            &mut core_devices,
+            &mut backends,
+            ColdBackend {
+                id,
+                driver: "virtio-net-device",
+                drive: None,
+                netdev: Some(netdev.id.clone()),
+                slot: format!("net{n}"),
                 spec,
                 pidfd: None,
             },
@@ -243,6 +305,7 @@ pub fn launch_vm(config: &GatewayConfig) -> Result<LaunchedVm, LaunchError> {
                 id,
                 driver: "virtio-balloon-device",
                 drive: None,
+                netdev: None,
                 slot: "balloon0".into(),
                 spec,
                 pidfd: None,

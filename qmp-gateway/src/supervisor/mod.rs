@@ -15,6 +15,7 @@ pub mod backend;
 pub mod launch;
 pub mod pidfd;
 pub mod spawn;
+pub mod tap;
 
 pub use launch::{launch_vm, LaunchError, LaunchedVm};
 
