@@ -62,6 +62,35 @@ pub enum FrontendError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// The previous backend has not exited yet; two backends must never serve one ring.
+    #[error("the previous backend still has its connection open")]
+    PreviousBackendAlive,
+}
+
+/// How long `attach` waits for a replaced backend to be gone.
+const RETIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits until the peer of `fd` has closed its end (the process is dead: a killed process's
+/// descriptors close only after all its threads stopped, so it no longer touches guest
+/// memory or rings). `true` once closed.
+fn wait_peer_closed(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: poll on one pollfd we own; the descriptor stays open during the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            return true;
+        }
+        if n == 0 || std::time::Instant::now() >= deadline {
+            return false;
+        }
+    }
 }
 
 /// Maps a failed request to an error. Also the request's trace point: it is evaluated right
@@ -248,6 +277,9 @@ pub struct VhostUserDevice {
     kicks: Vec<EventFd>,
     interrupt: Arc<Mutex<Option<Arc<VirtioInterrupt>>>>,
     backend: Option<Backend>,
+    /// A backend that was lost or unplugged, kept until its process is gone (its connection
+    /// stays open so that its death can be seen).
+    retiring: Option<Backend>,
     state: BackendState,
     inflight: Option<Inflight>,
     active_queues: Option<Vec<QueueConfig>>,
@@ -285,6 +317,7 @@ impl VhostUserDevice {
             kicks,
             interrupt: Arc::default(),
             backend: None,
+            retiring: None,
             state: BackendState::Empty,
             inflight: None,
             active_queues: None,
@@ -352,14 +385,23 @@ impl VhostUserDevice {
     /// to the guest (a disk's capacity appears); a failed attach leaves the device as it was
     /// (empty or waiting) with no connection kept.
     pub fn attach(&mut self, stream: UnixStream) -> Result<(), FrontendError> {
-        self.backend = None;
+        self.retire();
         if self.state == BackendState::Attached {
             self.state = BackendState::Waiting;
+        }
+        // A killed backend may still be running for a moment (a jailed one dies when its
+        // keeper does, asynchronously): never let two processes serve the same rings.
+        if let Some(old) = &self.retiring {
+            if !wait_peer_closed(old.conn.as_raw_fd(), RETIRE_TIMEOUT) {
+                return Err(FrontendError::PreviousBackendAlive);
+            }
+            self.retiring = None;
         }
         let was_empty = self.state == BackendState::Empty;
         let result = self.connect(stream);
         if result.is_err() {
-            self.backend = None;
+            // It may have been given rings before it failed: wait for it like any other.
+            self.retire();
             if was_empty {
                 lock(&self.config).copy_from_slice(&self.empty_config);
             }
@@ -383,7 +425,7 @@ impl VhostUserDevice {
     /// space, e.g. a disk of capacity 0, through a config-change interrupt); otherwise the
     /// device waits for a replacement with all guest state intact.
     pub fn detach(&mut self, unplug: bool) {
-        self.backend = None;
+        self.retire();
         if unplug {
             self.state = BackendState::Empty;
             lock(&self.config).copy_from_slice(&self.empty_config);
@@ -392,6 +434,13 @@ impl VhostUserDevice {
         } else if self.state != BackendState::Empty {
             self.state = BackendState::Waiting;
             log::info!("{}: backend lost, waiting for a new one", self.name);
+        }
+    }
+
+    /// Moves the attached backend aside until its process is gone.
+    fn retire(&mut self) {
+        if let Some(b) = self.backend.take() {
+            self.retiring = Some(b);
         }
     }
 

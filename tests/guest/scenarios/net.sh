@@ -1,0 +1,33 @@
+#!/bin/sh
+# NIC test against a host side in a network namespace (tests/qmp/net.py):
+#   eth0 (cold-plugged, 10.0.2.2/24): ping 10.0.2.1; receive 100 MiB from port 5001 and
+#   print its md5; send 100 MiB (a random MiB 100 times) to port 5002; receive 100 MiB from
+#   port 5003 while the host kills the backend.
+#   eth1 (hot-plugged later, 10.0.3.2/24): wait for the carrier, ping 10.0.3.1, wait for
+#   the carrier to go (device_del).
+# Every step prints FLOTILLA-RESULT net ...
+carrier() { cat "/sys/class/net/$1/carrier" 2>/dev/null || echo none; }
+wait_carrier() {
+    for _ in $(seq 1200); do [ "$(carrier "$1")" = "$2" ] && return 0; sleep 0.1; done
+    return 1
+}
+ip link set lo up
+ip link set eth0 up && ip addr add 10.0.2.2/24 dev eth0
+ip link set eth1 up && ip addr add 10.0.3.2/24 dev eth1
+echo "FLOTILLA-RESULT net macs eth0=$(cat /sys/class/net/eth0/address) eth1=$(cat /sys/class/net/eth1/address)"
+wait_carrier eth0 1
+echo "FLOTILLA-RESULT net carrier eth0=$(carrier eth0) eth1=$(carrier eth1)"
+if ping -c 3 -W 10 10.0.2.1 >/dev/null; then echo "FLOTILLA-RESULT net ping0=ok"; else echo "FLOTILLA-RESULT net ping0=failed"; fi
+echo "FLOTILLA-RESULT net rx md5=$(nc 10.0.2.1 5001 </dev/null | md5sum | cut -d' ' -f1)"
+dd if=/dev/urandom of=/tmp/chunk bs=1M count=1 2>/dev/null
+echo "FLOTILLA-RESULT net tx want=$(for i in $(seq 100); do cat /tmp/chunk; done | md5sum | cut -d' ' -f1)"
+for i in $(seq 100); do cat /tmp/chunk; done | nc 10.0.2.1 5002 >/dev/null
+echo "FLOTILLA-RESULT net tx sent"
+echo "FLOTILLA-RESULT net rx2 md5=$(nc 10.0.2.1 5003 </dev/null | md5sum | cut -d' ' -f1)"
+if wait_carrier eth1 1; then
+    echo "FLOTILLA-RESULT net eth1 up"
+    if ping -c 3 -W 10 10.0.3.1 >/dev/null; then echo "FLOTILLA-RESULT net ping1=ok"; else echo "FLOTILLA-RESULT net ping1=failed"; fi
+else
+    echo "FLOTILLA-RESULT net eth1 never came up"
+fi
+if wait_carrier eth1 0; then echo "FLOTILLA-RESULT net eth1 down"; fi
