@@ -46,6 +46,16 @@ pub const CORE_COMMANDS: &[&str] = &[
     "quit",
 ];
 
+/// Commands the hotplug state answers (with a VM).
+const HOTPLUG_COMMANDS: &[&str] = &[
+    "blockdev-add",
+    "blockdev-del",
+    "device_add",
+    "device_del",
+    "netdev_add",
+    "netdev_del",
+];
+
 /// flotilla's own commands (documented in docs/qmp.md).
 pub const VENDOR_COMMANDS: &[CommandSpec] = &[CommandSpec::bare("flotilla-query-backends")];
 
@@ -286,9 +296,12 @@ impl CommandHandler for GatewayHandler {
                 .supervisor
                 .as_ref()
                 .map_or_else(|| json!([]), |s| s.query())),
-            _ => Err(QmpError::generic(format!(
-                "not yet implemented: {name} (issue 3: the core's control socket)"
-            ))),
+            _ if self.core.is_none()
+                && (CORE_COMMANDS.contains(&name) || HOTPLUG_COMMANDS.contains(&name)) =>
+            {
+                Err(QmpError::generic(format!("{name} needs a running VM")))
+            }
+            _ => Err(QmpError::generic(format!("not yet implemented: {name}"))),
         }
     }
 }
@@ -344,10 +357,9 @@ mod tests {
         ctx.run_deferred();
         assert_eq!(rx.try_recv(), Ok(Shutdown::Quit));
         let e = h.execute("stop", Map::new(), ctx).unwrap_err();
-        assert_eq!(
-            e.desc,
-            "not yet implemented: stop (issue 3: the core's control socket)"
-        );
+        assert_eq!(e.desc, "stop needs a running VM");
+        let e = h.execute("query-block", Map::new(), ClientCtx::new(2, Peer::Unix));
+        assert_eq!(e.unwrap_err().desc, "not yet implemented: query-block");
         assert!(h.commands().iter().any(|c| c.name == "blockdev-add"));
     }
 }
