@@ -84,7 +84,9 @@ fn wait_peer_closed(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> boo
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         // SAFETY: poll on one pollfd we own; the descriptor stays open during the call.
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        if n > 0
+            && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+        {
             return true;
         }
         if n == 0 || std::time::Instant::now() >= deadline {
@@ -885,5 +887,66 @@ mod tests {
         assert_eq!(read_capacity(&dev), 4096);
         assert_eq!(interrupt.config_generation(), 1);
         assert!(irq.read().is_ok());
+    }
+}
+
+#[cfg(test)]
+mod feature_tests {
+    //! A guest that bound to an empty slot keeps what it acked: a backend lacking any of it
+    //! is refused, and the slot stays as it was.
+    use super::tests_support::*;
+    use super::*;
+    use crate::vstate::memory::GuestRam;
+
+    #[test]
+    fn a_backend_lacking_acked_features_is_refused() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut dev =
+            crate::vhost_user::blk::vhost_user_blk("blk3", 1, &ram.memory, &MemoryTable::new(&ram))
+                .unwrap();
+        const EVENT_IDX: u64 = 1 << 29;
+        dev.ack_features(crate::transport::VIRTIO_F_VERSION_1 | EVENT_IDX);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // This backend offers VERSION_1 only.
+        minimal_backend(theirs, crate::transport::VIRTIO_F_VERSION_1);
+        let e = dev.attach(ours).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("backend lacks features {EVENT_IDX:#x} the guest negotiated")
+        );
+        assert_eq!(dev.state(), BackendState::Empty);
+        let mut capacity = [0u8; 8];
+        dev.read_config(0, &mut capacity);
+        assert_eq!(capacity, [0; 8]);
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// Answers GET_FEATURES with `features` and ignores everything else.
+    pub fn minimal_backend(mut sock: UnixStream, features: u64) {
+        std::thread::spawn(move || {
+            let mut hdr = [0u8; 12];
+            while sock.read_exact(&mut hdr).is_ok() {
+                let word = |i: usize| u32::from_le_bytes(hdr[i * 4..i * 4 + 4].try_into().unwrap());
+                let mut body = vec![0u8; word(2) as usize];
+                if sock.read_exact(&mut body).is_err() {
+                    return;
+                }
+                if word(0) == 1 {
+                    let mut m = Vec::new();
+                    for v in [1u32, 0x5, 8] {
+                        m.extend_from_slice(&v.to_le_bytes());
+                    }
+                    m.extend_from_slice(&features.to_le_bytes());
+                    if sock.write_all(&m).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
