@@ -48,13 +48,14 @@ pub struct NetBackend {
 }
 
 impl NetBackend {
-    /// The device for `tap`, offering `mac`.
-    pub fn new(tap: Tap, mac: MacAddr, mem: GuestMemoryAtomic<GuestMem>) -> Self {
+    /// The device for `tap`, offering `mac`; with `poll`, both queues
+    /// busy-poll for a short while after running dry (`--poll`).
+    pub fn new(tap: Tap, mac: MacAddr, mem: GuestMemoryAtomic<GuestMem>, poll: bool) -> Self {
         let tap = Arc::new(tap);
         let stats = Arc::new(Stats::default());
         NetBackend {
-            rx: Mutex::new(RxQueue::new(tap.clone(), stats.clone())),
-            tx: Mutex::new(TxQueue::new(tap.clone(), stats.clone())),
+            rx: Mutex::new(RxQueue::new(tap.clone(), stats.clone(), poll)),
+            tx: Mutex::new(TxQueue::new(tap.clone(), stats.clone(), poll)),
             tap,
             config: VirtioNetConfig::new(mac),
             acked: AtomicU64::new(0),

@@ -11,7 +11,7 @@
 //! The iovecs are only valid while the caller holds the guest memory
 //! snapshot the chain was resolved against.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::GuestMem;
 
@@ -122,7 +122,8 @@ where
         }
         let outside = || ChainError::OutsideMemory { addr: addr.0, len };
         // Check the whole descriptor, even a part a receive cap leaves unused.
-        if !mem.check_range(addr, len as usize) {
+        let host = within_one_region(mem, addr, len as usize);
+        if host.is_none() && !mem.check_range(addr, len as usize) {
             return Err(outside());
         }
         let mut want = len as usize;
@@ -134,6 +135,21 @@ where
             if want == 0 {
                 continue;
             }
+        }
+        if let Some(ptr) = host {
+            // The common case: the whole descriptor lies in one region,
+            // one iovec, no slice iterator.
+            if out.segments == limits.max_segments {
+                return Err(ChainError::TooManySegments(limits.max_segments));
+            }
+            iov.push(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: want,
+            });
+            segs.push(Segment { addr, len: want });
+            out.segments += 1;
+            out.len += want;
+            continue;
         }
         let mut at = addr;
         for slice in GuestMemoryBackend::get_slices(mem, addr, want) {
@@ -155,6 +171,19 @@ where
         }
     }
     Ok(out)
+}
+
+/// The host address of `addr` if `addr..addr + len` lies inside one
+/// region (the check [`GuestMemoryBackend::check_range`] makes, without
+/// walking slices); None if it crosses regions or leaves guest memory.
+fn within_one_region(mem: &GuestMem, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+    let region = mem.find_region(addr)?;
+    let offset = addr.0 - region.start_addr().0;
+    let end = offset.checked_add(len as u64)?;
+    if end > region.len() {
+        return None;
+    }
+    region.get_host_address(MemoryRegionAddress(offset)).ok()
 }
 
 /// Reads the first `buf.len()` bytes of a chain; false if it is shorter.

@@ -76,6 +76,12 @@ pub struct Args {
     /// MAC address offered to the guest (default: random 52:54:00:xx:xx:xx).
     #[arg(long, value_name = "XX:XX:XX:XX:XX:XX")]
     pub mac: Option<MacAddr>,
+
+    /// Busy-poll each queue for 50 µs after it runs dry (the transmit ring,
+    /// the tap, or the receive ring) before sleeping: fewer guest kicks and
+    /// wakeups for a busy NIC, at the cost of CPU time.
+    #[arg(long)]
+    pub poll: bool,
 }
 
 /// The `--print-capabilities` document.
@@ -96,9 +102,13 @@ pub fn run(args: &Args) -> Result<()> {
         }
     };
     let mac = args.mac.unwrap_or_else(MacAddr::random);
-    log::info!("tap {}, mac {mac}", tap.name());
+    log::info!(
+        "tap {}, mac {mac}{}",
+        tap.name(),
+        if args.poll { ", busy-polling" } else { "" }
+    );
     let mem = GuestMemoryAtomic::new(GuestMem::new());
-    let backend = Arc::new(NetBackend::new(tap, mac, mem.clone()));
+    let backend = Arc::new(NetBackend::new(tap, mac, mem.clone(), args.poll));
     let listeners = backend.listeners();
     let stats = backend.stats();
     let result = flotilla_backend::daemon::serve(

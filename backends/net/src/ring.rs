@@ -12,11 +12,53 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
 
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::GuestMem;
+
+/// With EVENT_IDX, a queue asks whether the driver wants an interrupt after
+/// this many completions within a pass, not only at its end: a driver
+/// sleeping until some of its chains complete (Linux's
+/// `virtqueue_enable_cb_delayed`) wakes while the pass goes on and posts
+/// more, instead of finding the ring drained. The check is a fence and a
+/// load; the interrupt is only sent when the driver asked for it.
+pub const SIGNAL_EVERY: usize = 16;
+
+/// How long a queue busy-polls after running dry, with `--poll`: long
+/// enough to catch the guest's next frames without a kick (a kick costs a
+/// VM exit and an eventfd wakeup), short enough that an idle queue gives
+/// its CPU back almost at once (as flotilla-blk's `--poll`).
+pub const POLL_TIME: Duration = Duration::from_micros(50);
+
+/// Spins until the driver makes a chain available on `vring` or `time`
+/// passes; true if there is work. Does not touch notifications.
+pub fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>, time: Duration) -> bool {
+    let guard = mem.memory();
+    let m: &GuestMem = &guard;
+    let deadline = Instant::now() + time;
+    loop {
+        {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            if !q.ready() || !state.is_enabled() {
+                return false;
+            }
+            match q.avail_idx(m, Ordering::Acquire) {
+                Ok(idx) if idx.0 != q.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
 
 /// Size of the used ring header (flags, idx) and of one element.
 const USED_HEADER: u64 = 4;

@@ -18,8 +18,9 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
@@ -30,7 +31,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use crate::chain::{self, Direction, Limits, Segment};
 use crate::config::Negotiated;
 use crate::header::{fix_rx, HEADER_LEN, MAX_BUFFER};
-use crate::ring;
+use crate::ring::{self, POLL_TIME, SIGNAL_EVERY};
 use crate::stats::Stats;
 use crate::tap::Tap;
 use crate::GuestMem;
@@ -69,6 +70,12 @@ struct Popped {
     room: usize,
     /// A bad chain is queued: pop nothing more until it is at the front.
     blocked: bool,
+    /// (head, length) of the frame being completed (scratch, reused).
+    used: Vec<(u16, u32)>,
+    /// Used index when the driver was last considered for an interrupt.
+    signalled_at: u16,
+    /// Frames completed since.
+    unsignalled: usize,
 }
 
 impl Popped {
@@ -110,17 +117,22 @@ pub struct RxQueue {
     bounce: Vec<u8>,
     /// Length of a frame waiting in `bounce` for guest buffers.
     pending: Option<usize>,
+    /// Busy-poll the tap (or the avail ring) for [`POLL_TIME`] when a
+    /// pass runs dry, before sleeping.
+    poll: bool,
 }
 
 impl RxQueue {
-    /// A receive queue reading from `tap`.
-    pub fn new(tap: Arc<Tap>, stats: Arc<Stats>) -> Self {
+    /// A receive queue reading from `tap`; with `poll`, the queue
+    /// busy-polls for a while after running dry before sleeping.
+    pub fn new(tap: Arc<Tap>, stats: Arc<Stats>, poll: bool) -> Self {
         RxQueue {
             tap,
             stats,
             warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
             bounce: vec![0u8; MAX_BUFFER],
             pending: None,
+            poll,
         }
     }
 
@@ -137,7 +149,35 @@ impl RxQueue {
         neg: Negotiated,
         event_idx: bool,
     ) {
-        while self.pass(vring, mem, neg, event_idx) == Stop::BatchFull {}
+        loop {
+            match self.pass(vring, mem, neg, event_idx) {
+                Stop::BatchFull => continue,
+                Stop::TapEmpty if self.poll && self.poll_tap() => continue,
+                Stop::NoBuffers if self.poll && ring::poll_avail(vring, mem, POLL_TIME) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    /// Spins until the tap has a frame or [`POLL_TIME`] passes (`poll(2)`
+    /// with no timeout: the tap offers no cheaper way to look).
+    fn poll_tap(&self) -> bool {
+        let deadline = Instant::now() + POLL_TIME;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no timeout.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     fn pass(
@@ -153,19 +193,17 @@ impl RxQueue {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Stop::NotReady;
         }
-        let old_used = state.get_queue().next_used();
-        let mut p = Popped::default();
+        let mut p = Popped {
+            signalled_at: state.get_queue().next_used(),
+            ..Popped::default()
+        };
         let stop = self.fill(&mut state, m, neg, event_idx, &mut p);
         // Unused chains go back to the avail ring: they are the most
         // recently popped, so stepping next_avail back returns exactly them.
         let q = state.get_queue_mut();
         let back = p.chains.len() as u16;
         q.set_next_avail(q.next_avail().wrapping_sub(back));
-        if ring::needs_signal(m, state.get_queue(), old_used, event_idx) {
-            if let Err(e) = state.signal_used_queue() {
-                log::error!("rx: signalling the guest: {e}");
-            }
-        }
+        signal(&state, m, event_idx, &mut p);
         stop
     }
 
@@ -182,6 +220,11 @@ impl RxQueue {
         loop {
             if frames == BATCH {
                 return Stop::BatchFull;
+            }
+            if event_idx && p.unsignalled >= SIGNAL_EVERY {
+                // A driver waiting for frames hears about them while the
+                // pass goes on (see SIGNAL_EVERY).
+                signal(state, m, event_idx, p);
             }
             self.complete_bad_front(state, m, p);
             if let Some(len) = self.pending {
@@ -412,7 +455,8 @@ impl RxQueue {
         n: usize,
         p: &mut Popped,
     ) {
-        let mut used = Vec::with_capacity(4);
+        let mut used = std::mem::take(&mut p.used);
+        used.clear();
         let mut left = n;
         for c in p.chains.iter() {
             let take = c.len.min(left);
@@ -433,6 +477,8 @@ impl RxQueue {
         }
         p.compact();
         self.use_chains(state, m, &used);
+        p.used = used;
+        p.unsignalled += 1;
         Stats::add(&self.stats.rx_packets, 1);
         Stats::add(&self.stats.rx_bytes, (n - HEADER_LEN) as u64);
     }
@@ -472,6 +518,7 @@ impl RxQueue {
         }
         p.compact();
         self.use_chains(state, m, &used);
+        p.unsignalled += 1;
         Stats::add(&self.stats.rx_packets, 1);
         Stats::add(&self.stats.rx_bytes, (len - HEADER_LEN) as u64);
     }
@@ -493,4 +540,21 @@ impl RxQueue {
             log::error!("rx: publishing the used ring: {e}");
         }
     }
+}
+
+/// Signals the guest if it wants to hear about the frames completed since
+/// the last look (always without EVENT_IDX, if there are any).
+fn signal(
+    state: &VringState<GuestMemoryAtomic<GuestMem>>,
+    m: &GuestMem,
+    event_idx: bool,
+    p: &mut Popped,
+) {
+    if ring::needs_signal(m, state.get_queue(), p.signalled_at, event_idx) {
+        if let Err(e) = state.signal_used_queue() {
+            log::error!("rx: signalling the guest: {e}");
+        }
+    }
+    p.signalled_at = state.get_queue().next_used();
+    p.unsignalled = 0;
 }

@@ -27,6 +27,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use crate::chain::{self, Direction, Limits, Segment};
 use crate::config::Negotiated;
 use crate::header::{check_tx, NetHeader, ETH_HLEN, HEADER_LEN, MAX_BUFFER};
+use crate::ring::{self, POLL_TIME, SIGNAL_EVERY};
 use crate::stats::Stats;
 use crate::tap::Tap;
 use crate::GuestMem;
@@ -91,19 +92,27 @@ pub struct TxQueue {
     tap: Arc<Tap>,
     stats: Arc<Stats>,
     warn: Mutex<RateLimiter>,
+    /// Busy-poll the avail ring for [`POLL_TIME`] after it runs dry.
+    poll: bool,
 }
 
 impl TxQueue {
-    /// A transmit queue writing to `tap`.
-    pub fn new(tap: Arc<Tap>, stats: Arc<Stats>) -> Self {
+    /// A transmit queue writing to `tap`; with `poll`, the queue busy-polls
+    /// its avail ring for a while after running dry before sleeping.
+    pub fn new(tap: Arc<Tap>, stats: Arc<Stats>, poll: bool) -> Self {
         TxQueue {
             tap,
             stats,
             warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
+            poll,
         }
     }
 
     /// Sends what the guest queued until the ring is empty or the tap full.
+    ///
+    /// With `--poll`, an empty ring is watched for [`POLL_TIME`] with
+    /// notifications still off (a guest posting meanwhile does not kick)
+    /// before they are turned back on and the worker sleeps.
     pub fn process(
         &mut self,
         vring: &VringRwLock,
@@ -111,15 +120,33 @@ impl TxQueue {
         neg: Negotiated,
         event_idx: bool,
     ) {
-        while self.pass(vring, mem, neg, event_idx) == Stop::BatchFull {}
+        loop {
+            match self.pass(vring, mem, neg, event_idx, !self.poll) {
+                Stop::BatchFull => continue,
+                Stop::Empty if self.poll => {
+                    if ring::poll_avail(vring, mem, POLL_TIME) {
+                        continue;
+                    }
+                    // Nothing came: notifications on (and one more look).
+                    if self.pass(vring, mem, neg, event_idx, true) != Stop::Empty {
+                        continue;
+                    }
+                    return;
+                }
+                _ => return,
+            }
+        }
     }
 
+    /// Sends up to [`BATCH`] chains. With `rearm`, an empty ring turns
+    /// guest notifications back on (EVENT_IDX) before the pass ends.
     fn pass(
         &mut self,
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<GuestMem>,
         neg: Negotiated,
         event_idx: bool,
+        rearm: bool,
     ) -> Stop {
         let guard = mem.memory();
         let m: &GuestMem = &guard;
@@ -129,14 +156,23 @@ impl TxQueue {
         }
         let mut iov = Vec::with_capacity(MAX_CHAIN_SEGMENTS);
         let mut segs = Vec::with_capacity(MAX_CHAIN_SEGMENTS);
-        let mut used = false;
+        let mut unsignalled = 0;
         let mut done = 0;
         let stop = loop {
             if done == BATCH {
                 break Stop::BatchFull;
             }
+            if unsignalled == SIGNAL_EVERY && event_idx {
+                // A driver waiting for completions (its used_event) hears
+                // about them while the pass goes on, not only at its end.
+                signal(&mut state, m, event_idx);
+                unsignalled = 0;
+            }
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(m) else {
-                if event_idx && matches!(state.get_queue_mut().enable_notification(m), Ok(true)) {
+                if rearm
+                    && event_idx
+                    && matches!(state.get_queue_mut().enable_notification(m), Ok(true))
+                {
                     continue;
                 }
                 break Stop::Empty;
@@ -180,11 +216,11 @@ impl TxQueue {
                     }
                 },
             }
-            complete(&mut state, head);
-            used = true;
+            complete(&mut state, m, head);
+            unsignalled += 1;
         };
-        if used {
-            signal(&mut state, event_idx);
+        if unsignalled > 0 {
+            signal(&mut state, m, event_idx);
         }
         stop
     }
@@ -199,15 +235,18 @@ impl TxQueue {
     }
 }
 
-fn complete(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, head: u16) {
-    if let Err(e) = state.add_used(head, 0) {
+fn complete(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, m: &GuestMem, head: u16) {
+    if let Err(e) = state.get_queue_mut().add_used(m, head, 0) {
         log::error!("tx: add_used({head}): {e}");
     }
 }
 
-fn signal(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, event_idx: bool) {
-    let needed = !event_idx || state.needs_notification().unwrap_or(true);
-    if needed {
+/// Signals the guest for the chains used since the last call, if it wants
+/// to hear about them (always without EVENT_IDX).
+fn signal(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, m: &GuestMem, event_idx: bool) {
+    // needs_notification also restarts the count of chains used since.
+    let needed = state.get_queue_mut().needs_notification(m).unwrap_or(true);
+    if needed || !event_idx {
         if let Err(e) = state.signal_used_queue() {
             log::error!("tx: signalling the guest: {e}");
         }

@@ -9,7 +9,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -483,10 +482,14 @@ pub struct Ring {
     pub used: u64,
     pub avail_idx: u16,
     pub used_seen: u16,
+    /// The device's used index as last read.
+    used_shadow: u16,
     pub kick: EventFd,
     pub call: EventFd,
     free: Vec<u16>,
-    chains: HashMap<u16, Vec<u16>>,
+    /// Descriptors of the chain headed by each index (empty: not posted);
+    /// the vectors are reused, so steady posting allocates nothing.
+    chains: Vec<Vec<u16>>,
 }
 
 impl Ring {
@@ -498,10 +501,11 @@ impl Ring {
             used: base + 0x2000,
             avail_idx: 0,
             used_seen: 0,
+            used_shadow: 0,
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             free: (0..QSIZE).rev().collect(),
-            chains: HashMap::new(),
+            chains: vec![Vec::new(); usize::from(QSIZE)],
         }
     }
 }
@@ -616,10 +620,25 @@ impl Driver {
     /// Writes `descs` as one chain into free descriptors and makes it
     /// available (kicking if `kick`); returns the head.
     pub fn post(&mut self, q: usize, descs: &[D], kick: bool) -> u16 {
+        let head = self.add(q, descs);
+        if kick {
+            fence(Ordering::SeqCst);
+            self.rings[q].kick.write(1).unwrap();
+        }
+        head
+    }
+
+    /// Writes `descs` as one chain and publishes the new avail index (as a
+    /// driver's `virtqueue_add` does); no kick. Returns the head.
+    pub fn add(&mut self, q: usize, descs: &[D]) -> u16 {
         let r = &mut self.rings[q];
-        let ids: Vec<u16> = (0..descs.len())
-            .map(|_| r.free.pop().expect("free descriptor"))
-            .collect();
+        let head = r.free.pop().expect("free descriptor");
+        let mut ids = std::mem::take(&mut r.chains[usize::from(head)]);
+        ids.clear();
+        ids.push(head);
+        for _ in 1..descs.len() {
+            ids.push(r.free.pop().expect("free descriptor"));
+        }
         for (i, d) in descs.iter().enumerate() {
             let at = GuestAddress(r.desc + 16 * u64::from(ids[i]));
             let more = i + 1 < descs.len();
@@ -632,22 +651,66 @@ impl Driver {
             raw[14..16].copy_from_slice(&next.to_le_bytes());
             self.mem.write_slice(&raw, at).unwrap();
         }
-        let head = ids[0];
-        r.chains.insert(head, ids);
+        r.chains[usize::from(head)] = ids;
         let slot = u64::from(r.avail_idx % QSIZE);
         self.mem
             .write_obj(head, GuestAddress(r.avail + 4 + 2 * slot))
             .unwrap();
-        fence(Ordering::SeqCst);
+        // The descriptors and the ring entry before the index.
+        fence(Ordering::Release);
         r.avail_idx = r.avail_idx.wrapping_add(1);
         self.mem
             .write_obj(r.avail_idx, GuestAddress(r.avail + 2))
             .unwrap();
+        head
+    }
+
+    /// Free descriptors of ring `q`.
+    pub fn free_descriptors(&self, q: usize) -> usize {
+        self.rings[q].free.len()
+    }
+
+    /// Whether EVENT_IDX was negotiated.
+    pub fn event_idx(&self) -> bool {
+        self.features & F_EVENT_IDX != 0
+    }
+
+    /// Kicks `q` if the device asked to hear about the chains made
+    /// available since the avail index was `old` (`virtqueue_kick_prepare`:
+    /// always without EVENT_IDX, else per the device's avail_event).
+    /// Returns whether it kicked.
+    pub fn kick_if_needed(&self, q: usize, old: u16) -> bool {
+        let r = &self.rings[q];
+        let new = r.avail_idx;
+        if new == old {
+            return false;
+        }
+        // The avail index store before reading avail_event.
         fence(Ordering::SeqCst);
-        if kick {
+        let needed = if self.event_idx() {
+            let event: u16 = self
+                .mem
+                .read_obj(GuestAddress(r.used + 4 + 8 * u64::from(QSIZE)))
+                .unwrap();
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            true
+        };
+        if needed {
             r.kick.write(1).unwrap();
         }
-        head
+        needed
+    }
+
+    /// Asks the device (EVENT_IDX) for an interrupt once used index `idx`
+    /// is passed, i.e. when used element `idx` is published.
+    pub fn set_used_event(&self, q: usize, idx: u16) {
+        let r = &self.rings[q];
+        self.mem
+            .write_obj(idx, GuestAddress(r.avail + 4 + 2 * u64::from(QSIZE)))
+            .unwrap();
+        // Before the caller re-reads the used index.
+        fence(Ordering::SeqCst);
     }
 
     pub fn kick(&self, q: usize) {
@@ -664,8 +727,13 @@ impl Driver {
     /// The next used element if there is one: (head, length); its
     /// descriptors are freed.
     pub fn try_used(&mut self, q: usize) -> Option<(u16, u32)> {
-        if self.used_idx(q) == self.rings[q].used_seen {
-            return None;
+        if self.rings[q].used_shadow == self.rings[q].used_seen {
+            // Read the index only when the elements seen so far are used up.
+            let idx = self.used_idx(q);
+            self.rings[q].used_shadow = idx;
+            if idx == self.rings[q].used_seen {
+                return None;
+            }
         }
         let r = &mut self.rings[q];
         let slot = u64::from(r.used_seen % QSIZE);
@@ -679,8 +747,12 @@ impl Driver {
             .read_obj(GuestAddress(r.used + 8 + 8 * slot))
             .unwrap();
         let head = id as u16;
-        let ids = r.chains.remove(&head).expect("used id is a posted head");
-        r.free.extend(ids);
+        let ids = r
+            .chains
+            .get_mut(usize::from(head))
+            .filter(|c| !c.is_empty())
+            .expect("used id is a posted head");
+        r.free.extend(ids.drain(..));
         Some((head, len))
     }
 
