@@ -66,10 +66,18 @@ def wait_for(what, cond, timeout=300):
 
 def connect_unix(path, timeout=30):
     """Waits for the QMP socket at `path` and negotiates."""
-    wait_for("the QMP socket", lambda: os.path.exists(path), timeout)
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    return Qmp(s)
+    deadline = time.time() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            # The file appears at bind(), a moment before listen().
+            s.connect(path)
+            return Qmp(s)
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def children(pid):
