@@ -7,6 +7,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use crate::jail::{SandboxMode, SeccompMode};
 use crate::{Error, Result};
 
 /// Flags common to all flotilla backends; `#[command(flatten)]` them into the
@@ -33,6 +34,16 @@ pub struct VhostUserArgs {
     /// Minimum level of the log lines written (error, warn, info, debug, trace).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
+
+    /// Confinement: namespaces + pivot_root into an empty root (default),
+    /// chroot + Landlock (no namespaces), or none (debugging).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "namespace")]
+    pub sandbox: SandboxMode,
+
+    /// Syscalls outside the backend's allowlist: kill the process (default),
+    /// log them (audit) and let them run, or no filter (-disable-seccomp).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "kill")]
+    pub seccomp: SeccompMode,
 }
 
 /// Where the frontend connection comes from.
@@ -94,6 +105,15 @@ mod tests {
         assert_eq!(p.vu.connection().unwrap(), Connection::Fd(3));
         let p = Prog::try_parse_from(["x", "--fd", "3", "--socket-path", "/s"]).unwrap();
         assert!(matches!(p.vu.connection(), Err(Error::ConnectionArgs)));
+        assert_eq!(p.vu.sandbox, SandboxMode::Namespace);
+        assert_eq!(p.vu.seccomp, SeccompMode::Kill);
+        let p = Prog::try_parse_from(["x", "--sandbox", "chroot", "--seccomp", "log"]).unwrap();
+        assert_eq!(p.vu.sandbox, SandboxMode::Chroot);
+        assert_eq!(p.vu.seccomp, SeccompMode::Log);
+        let p = Prog::try_parse_from(["x", "--sandbox=none", "--seccomp=none"]).unwrap();
+        assert_eq!(p.vu.sandbox, SandboxMode::None);
+        assert_eq!(p.vu.seccomp, SeccompMode::None);
+        assert!(Prog::try_parse_from(["x", "--seccomp", "trap"]).is_err());
         let p = Prog::try_parse_from(["x", "--print-capabilities"]).unwrap();
         assert!(p.vu.print_capabilities);
         assert!(matches!(p.vu.connection(), Err(Error::ConnectionArgs)));

@@ -29,8 +29,14 @@ static SOCKET_PATH: OnceLock<PathBuf> = OnceLock::new();
 /// enough for a clean stop: a backend keeps no state of its own that the
 /// frontend cannot recompute, and completed writes are already in the
 /// kernel, so there is nothing to flush in user space.
+///
+/// Before that, while the process still has a single thread, the first half
+/// of the jail runs ([`crate::jail::early`]): unless `--sandbox none`, the
+/// process forks (into fresh namespaces with `--sandbox namespace`) and this
+/// function returns in the child, the parent staying outside as its keeper.
 pub fn prepare(program: &'static str, args: &VhostUserArgs) -> Result<()> {
     crate::logger::init(program, args.log_level, args.log_file.as_deref())?;
+    crate::jail::early(args)?;
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);

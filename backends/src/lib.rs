@@ -25,6 +25,7 @@ pub mod chain;
 pub mod cli;
 pub mod daemon;
 pub mod inflight;
+pub mod jail;
 pub mod logger;
 mod relay;
 pub mod sandbox;
@@ -87,6 +88,9 @@ pub enum Error {
     /// ended the connection.
     #[error("inflight tracking: {0}")]
     Inflight(String),
+    /// The first half of the jail (namespaces) failed.
+    #[error("sandbox: {0}")]
+    Jail(#[from] jail::Error),
 }
 
 /// Result alias of this crate.

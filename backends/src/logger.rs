@@ -7,7 +7,9 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -55,20 +57,31 @@ impl log::Log for Logger {
     }
 }
 
+/// The log file's descriptor, -1 when logging to stderr.
+static SINK_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The descriptor of the `--log-file`, if one is open: the jail keeps it
+/// and its SIGSYS report writes there too.
+pub fn sink_fd() -> Option<RawFd> {
+    Some(SINK_FD.load(Ordering::Relaxed)).filter(|&fd| fd >= 0)
+}
+
 /// Installs the process logger: lines at `level` or above go to `file`
 /// (appended) or, without one, to stderr.
 pub fn init(program: &'static str, level: log::LevelFilter, file: Option<&Path>) -> Result<()> {
     let sink: Box<dyn Write + Send> = match file {
-        Some(path) => Box::new(
-            OpenOptions::new()
+        Some(path) => {
+            let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .map_err(|source| Error::LogFile {
                     path: path.to_path_buf(),
                     source,
-                })?,
-        ),
+                })?;
+            SINK_FD.store(file.as_raw_fd(), Ordering::Relaxed);
+            Box::new(file)
+        }
         None => Box::new(io::stderr()),
     };
     log::set_boxed_logger(Box::new(Logger {

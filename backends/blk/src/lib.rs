@@ -15,13 +15,14 @@ pub mod config;
 pub mod disk;
 pub mod queue;
 pub mod request;
+pub mod sandbox;
 pub mod throttle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use flotilla_backend::cli::VhostUserArgs;
-use flotilla_backend::sandbox::NoSandbox;
+use flotilla_backend::jail::Jail;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::aio::AioMode;
@@ -164,12 +165,16 @@ pub fn run(args: &Args) -> Result<()> {
     )?);
     let listeners = backend.listeners();
     let tracker = backend.inflight_tracker();
+    let mut jail = Jail::new(&args.vhost_user, sandbox::policy());
+    if let Some(fd) = args.image_fd {
+        jail = jail.keep_fd(fd);
+    }
     flotilla_backend::daemon::serve_tracked(
         "flotilla-blk",
         backend,
         mem,
         &connection,
-        &NoSandbox,
+        &jail,
         Some(tracker),
         |daemon| {
             let handlers = daemon.get_epoll_handlers();

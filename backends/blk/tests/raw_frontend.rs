@@ -679,13 +679,19 @@ fn print_capabilities_and_refused_flags() {
     assert!(!sock.exists());
 }
 
-/// CPU time (user + system, in clock ticks) the process has used so far.
+/// CPU time (user + system, in clock ticks) the backend has used so far:
+/// the process started and the jailed child it forked.
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    common::process_tree(pid)
+        .into_iter()
+        .map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        })
+        .sum()
 }
 
 #[test]

@@ -137,3 +137,38 @@ pub fn random_image(len: usize, seed: u64) -> Vec<u8> {
     Rng(seed).fill(&mut v);
     v
 }
+
+/// The processes a backend runs as: the one its parent started and, when
+/// the jail forked, the jailed child (in its own pid namespace) under it.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        all.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+        i += 1;
+    }
+    all
+}
+
+/// The jailed process of a backend started as `pid` (its only child, or
+/// itself with `--sandbox none`), once it exists.
+pub fn jailed_pid(pid: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tree = process_tree(pid);
+        if let Some(&child) = tree.get(1) {
+            return child;
+        }
+        if Instant::now() > deadline {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
