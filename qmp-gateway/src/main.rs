@@ -72,6 +72,9 @@ fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
         .map_err(|e| (format!("cannot block signals: {e}"), 1))?;
     spawn_signal_thread(signals, shutdown_tx.clone())?;
 
+    if config.disable_seccomp {
+        qmp_gateway::supervisor::backend::disable_backend_seccomp();
+    }
     let events = EventBus::new();
     let vm = launch_vm(config).map_err(|e| (e.to_string(), e.exit_code()))?;
     let core_link = CoreLink::start(vm.control, events.clone())

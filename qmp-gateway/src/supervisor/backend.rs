@@ -8,10 +8,30 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::pidfd::Pidfd;
 use super::spawn::{spawn_with_fds, FIRST_CHILD_FD};
+
+/// Set by `-disable-seccomp`: every backend is started with `--seccomp none`.
+static SECCOMP_DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// `-disable-seccomp`: backends started from now on run without their seccomp filter
+/// (their namespaces, empty root and dropped capabilities stay).
+pub fn disable_backend_seccomp() {
+    SECCOMP_DISABLED.store(true, Ordering::Release);
+}
+
+/// The arguments an incarnation gets: the spec's, plus `--seccomp none` under
+/// `-disable-seccomp`.
+fn incarnation_args(args: &[String]) -> Vec<String> {
+    let mut all = args.to_vec();
+    if SECCOMP_DISABLED.load(Ordering::Acquire) {
+        all.extend(["--seccomp".into(), "none".into()]);
+    }
+    all
+}
 
 /// Everything needed to start one incarnation of a backend.
 #[derive(Debug)]
@@ -46,7 +66,7 @@ impl BackendSpec {
         let (core_end, backend_end) = UnixStream::pair()?;
         let mut fds: Vec<&dyn AsRawFd> = vec![&backend_end];
         fds.extend(self.fds.iter().map(|f| f as &dyn AsRawFd));
-        let child = spawn_with_fds(&self.program, &self.args, &fds)?;
+        let child = spawn_with_fds(&self.program, &incarnation_args(&self.args), &fds)?;
         let pid = child.id();
         // The child is reaped through its pidfd; `Child` is dropped without waiting.
         let pidfd = match Pidfd::open(pid) {
@@ -162,6 +182,15 @@ pub fn balloon_spec(program: PathBuf, deflate_on_oom: bool) -> BackendSpec {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[test]
+    fn disable_seccomp_reaches_the_backend_command_line() {
+        let args = vec!["--fd".to_string(), "3".to_string()];
+        assert_eq!(incarnation_args(&args), args);
+        disable_backend_seccomp();
+        assert_eq!(incarnation_args(&args)[2..], ["--seccomp", "none"]);
+        SECCOMP_DISABLED.store(false, Ordering::Release);
+    }
 
     #[test]
     fn every_incarnation_gets_a_new_socket_and_the_same_file() {
