@@ -31,8 +31,21 @@ use common::*;
 const TAP: &str = "fnb0";
 /// TCP payload of the TSO frames: 64054-byte frames.
 const TSO_PAYLOAD: usize = 64_000;
-/// Receive buffer size offered by the harness (mergeable, like Linux's).
+/// Receive buffer size offered by the harness (mergeable: Linux posts at
+/// most a page per buffer).
 const RX_BUF: u32 = 4096;
+
+/// Posts the receive buffer of the next head: buffer h at RX_BUFS + h *
+/// RX_BUF, so that the 256 buffers are 1 MiB of contiguous memory, as a
+/// guest carves them from page fragments (and as the raw reader's buffers).
+fn post_rx(drv: &mut Driver) {
+    let head = drv.next_head(RX);
+    drv.add(RX, &[wr(rx_addr(head), RX_BUF)]);
+}
+
+fn rx_addr(head: u16) -> u64 {
+    RX_BUFS + u64::from(head) * u64::from(RX_BUF)
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Size {
@@ -84,6 +97,14 @@ impl Rate {
     }
 }
 
+/// Send buffer of the receive generator's packet socket: frames it may have
+/// queued on the tap before `send` blocks. With the kernel default (about
+/// 200 KB: three 64 KB frames) the generator and the reader run in lock
+/// step and the benchmark measures wakeup latency rather than throughput;
+/// a TCP sender feeding a guest has a window of megabytes. Both the raw
+/// reader and flotilla-net get the same generator.
+const DEFAULT_SNDBUF: i32 = 4 << 20;
+
 /// Command-line options.
 struct Opts {
     secs: Duration,
@@ -93,6 +114,8 @@ struct Opts {
     backend_args: Vec<String>,
     /// Offer EVENT_IDX from the harness (a Linux guest does).
     event_idx: bool,
+    /// Send buffer of the receive-side generator (None: the kernel default).
+    sndbuf: Option<i32>,
 }
 
 impl Opts {
@@ -103,6 +126,7 @@ impl Opts {
             only: Vec::new(),
             backend_args: Vec::new(),
             event_idx: true,
+            sndbuf: Some(DEFAULT_SNDBUF),
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -113,6 +137,10 @@ impl Opts {
                 "--only" => o.only = val().split(',').map(String::from).collect(),
                 "--poll" => o.backend_args.push("--poll".into()),
                 "--no-event-idx" => o.event_idx = false,
+                "--sndbuf" => {
+                    let bytes: i32 = val().parse().unwrap_or_else(|_| usage("--sndbuf"));
+                    o.sndbuf = (bytes > 0).then_some(bytes);
+                }
                 _ => usage(&a),
             }
         }
@@ -128,7 +156,7 @@ fn usage(arg: &str) -> ! {
     eprintln!(
         "net_bench: bad argument {arg}\n\
          usage: net_bench [--seconds N] [--runs N] [--only tx-mtu,rx-mtu,tx-tso,rx-tso] \
-         [--poll] [--no-event-idx]"
+         [--poll] [--no-event-idx] [--sndbuf BYTES (0: kernel default)]"
     );
     std::process::exit(2)
 }
@@ -142,11 +170,13 @@ enum Dir {
 fn main() {
     let o = Opts::parse();
     println!(
-        "# {} s per measurement, {} run(s), harness EVENT_IDX {}, backend args {:?}; loadavg {}",
+        "# {} s per measurement, {} run(s), harness EVENT_IDX {}, backend args {:?}, \
+         generator sndbuf {}; loadavg {}",
         o.secs.as_secs(),
         o.runs,
         if o.event_idx { "on" } else { "off" },
         o.backend_args,
+        o.sndbuf.map_or("kernel default".into(), |b| b.to_string()),
         loadavg()
     );
     let rows = [
@@ -166,7 +196,7 @@ fn main() {
         for i in 0..o.runs {
             let (raw, net) = match dir {
                 Dir::Tx => (tx_raw(size, o.secs), tx_backend(size, &o)),
-                Dir::Rx => (rx_raw(size, o.secs), rx_backend(size, &o)),
+                Dir::Rx => (rx_raw(size, &o), rx_backend(size, &o)),
             };
             let ratio = 100.0 * net.gbps() / raw.gbps();
             println!(
@@ -372,8 +402,16 @@ fn tx_backend(size: Size, o: &Opts) -> Rate {
 }
 
 /// Sends frames out of the tap from inside the namespace until stopped.
-fn generator(ns: &Netns, size: Size, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+fn generator(
+    ns: &Netns,
+    size: Size,
+    sndbuf: Option<i32>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     let sock = ns.packet_socket(TAP, size == Size::Tso);
+    if let Some(bytes) = sndbuf {
+        sock.set_sndbuf(bytes).expect("SO_SNDBUFFORCE");
+    }
     let mut msg = Vec::new();
     if size == Size::Tso {
         msg.extend_from_slice(&tso4_hdr10(1448));
@@ -388,12 +426,13 @@ fn generator(ns: &Netns, size: Size, stop: Arc<AtomicBool>) -> std::thread::Join
     })
 }
 
-fn rx_raw(size: Size, d: Duration) -> Rate {
+fn rx_raw(size: Size, o: &Opts) -> Rate {
+    let (d, sndbuf) = (o.secs, o.sndbuf);
     let ns = Netns::new();
     let tap = ns.tap(TAP);
     set_tap(&tap, size);
     let stop = Arc::new(AtomicBool::new(false));
-    let gen = generator(&ns, size, stop.clone());
+    let gen = generator(&ns, size, sndbuf, stop.clone());
     // 1 MiB of receive buffers, as the harness's ring (256 x 4 KiB).
     let mut bufs = vec![vec![0u8; 70_000]; 16];
     let start = Instant::now();
@@ -434,13 +473,14 @@ fn rx_backend(size: Size, o: &Opts) -> Rate {
     let ns = Netns::new();
     let tap = ns.tap(TAP);
     let (_backend, stream) = spawn_backend(&tap, o);
+    let sndbuf = o.sndbuf;
     let mut drv = Driver::new(stream, features_for(size, o));
     for _ in 0..QSIZE {
-        drv.post_rx_slot(RX_BUF, false);
+        post_rx(&mut drv);
     }
     drv.kick(RX);
     let stop = Arc::new(AtomicBool::new(false));
-    let gen = generator(&ns, size, stop.clone());
+    let gen = generator(&ns, size, sndbuf, stop.clone());
     let start = Instant::now();
     let (mut n, mut bytes) = (0u64, 0u64);
     let mut hdr = [0u8; VNET_HDR];
@@ -453,10 +493,7 @@ fn rx_backend(size: Size, o: &Opts) -> Rate {
             if remaining == 0 {
                 use vm_memory::Bytes;
                 drv.mem
-                    .read_slice(
-                        &mut hdr,
-                        vm_memory::GuestAddress(RX_BUFS + u64::from(head) * RX_SLOT),
-                    )
+                    .read_slice(&mut hdr, vm_memory::GuestAddress(rx_addr(head)))
                     .unwrap();
                 remaining = u16::from_le_bytes([hdr[10], hdr[11]]).max(1);
                 n += 1;
@@ -465,7 +502,7 @@ fn rx_backend(size: Size, o: &Opts) -> Rate {
                 bytes += u64::from(len);
             }
             remaining -= 1;
-            drv.post_rx_slot(RX_BUF, false);
+            post_rx(&mut drv);
         }
         if got > 0 {
             drv.kick_if_needed(RX, old);

@@ -265,6 +265,12 @@ impl PacketSocket {
         None
     }
 
+    /// Sets the send buffer (SO_SNDBUFFORCE): how many bytes of frames
+    /// the socket may have queued on the interface before `send` blocks.
+    pub fn set_sndbuf(&self, bytes: i32) -> io::Result<()> {
+        setsockopt(&self.fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &bytes)
+    }
+
     pub fn ifindex(&self) -> i32 {
         self.ifindex
     }
@@ -775,6 +781,11 @@ impl Driver {
     pub fn post_rx_slot(&mut self, len: u32, kick: bool) -> u16 {
         let id = *self.rings[RX].free.last().expect("free descriptor");
         self.post(RX, &[wr(RX_BUFS + u64::from(id) * RX_SLOT, len)], kick)
+    }
+
+    /// The head the next posted chain of ring `q` gets.
+    pub fn next_head(&self, q: usize) -> u16 {
+        *self.rings[q].free.last().expect("free descriptor")
     }
 
     /// Posts a one-descriptor receive buffer for slot `slot` of `len` bytes.
