@@ -29,11 +29,52 @@ const VIRTIO_BALLOON_F_STATS_VQ: u64 = 1 << 1;
 const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
 const ACTUAL: usize = 4;
 
-/// The guest's writes of `actual` become BALLOON_CHANGED events.
+/// At most one BALLOON_CHANGED per this period, the latest value last (QEMU throttles the
+/// event the same way): a guest deflating on OOM rewrites `actual` for every MiB, and
+/// thousands of events would only make QMP clients that do not read fast enough be
+/// disconnected.
+pub const EVENT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The guest's writes of `actual` become (throttled) BALLOON_CHANGED events.
 struct BalloonConfig {
-    mem_bytes: u64,
-    events: EventRelay,
     last_actual: Mutex<Option<u32>>,
+    changes: Mutex<std::sync::mpsc::Sender<u32>>,
+}
+
+/// Emits BALLOON_CHANGED for the values coming in on `changes`, at most once per
+/// [`EVENT_PERIOD`], always ending with the latest value. Ends when the device is dropped.
+fn throttle_events(changes: std::sync::mpsc::Receiver<u32>, mem_bytes: u64, events: EventRelay) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let emit = |actual: u32| {
+        let bytes = guest_bytes(mem_bytes, actual);
+        log::info!("balloon: the guest holds {actual} pages, {bytes} bytes left to it");
+        events.emit("BALLOON_CHANGED", json!({ "actual": bytes }));
+    };
+    while let Ok(first) = changes.recv() {
+        emit(first);
+        // Collect what comes during the period; emit only the latest, then start over.
+        let mut window_end = std::time::Instant::now() + EVENT_PERIOD;
+        let mut pending = None;
+        loop {
+            let left = window_end.saturating_duration_since(std::time::Instant::now());
+            match changes.recv_timeout(left) {
+                Ok(v) => pending = Some(v),
+                Err(RecvTimeoutError::Timeout) => match pending.take() {
+                    Some(v) => {
+                        emit(v);
+                        window_end = std::time::Instant::now() + EVENT_PERIOD;
+                    }
+                    None => break,
+                },
+                Err(RecvTimeoutError::Disconnected) => {
+                    if let Some(v) = pending {
+                        emit(v);
+                    }
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn le32(config: &[u8], at: usize) -> u32 {
@@ -61,10 +102,12 @@ impl ConfigPolicy for BalloonConfig {
         let mut last = self.last_actual.lock().unwrap_or_else(|p| p.into_inner());
         if *last != Some(actual) {
             *last = Some(actual);
-            let bytes = guest_bytes(self.mem_bytes, actual);
-            log::info!("balloon: the guest holds {actual} pages, {bytes} bytes left to it");
-            self.events
-                .emit("BALLOON_CHANGED", json!({ "actual": bytes }));
+            // The throttling thread outlives every write; if it is gone, so is the VM.
+            let _ = self
+                .changes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(actual);
         }
     }
 }
@@ -81,6 +124,11 @@ pub fn vhost_user_balloon(
     if deflate_on_oom {
         features |= VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
     }
+    let (changes, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("balloon-events".into())
+        .spawn(move || throttle_events(rx, mem_bytes, events))
+        .map_err(FrontendError::EventFd)?;
     Ok(VhostUserDevice::new(
         "balloon0",
         VIRTIO_ID_BALLOON,
@@ -91,9 +139,8 @@ pub fn vhost_user_balloon(
         table.clone(),
     )?
     .with_config_policy(Box::new(BalloonConfig {
-        mem_bytes,
-        events,
         last_actual: Mutex::new(None),
+        changes: Mutex::new(changes),
     })))
 }
 
@@ -168,25 +215,43 @@ mod tests {
         assert_eq!(u32::from_le_bytes(num_pages), 0);
 
         // The guest reports what it gave; the same value twice is one event.
-        shared
-            .lock()
-            .unwrap()
-            .write_config(4, &16384u32.to_le_bytes());
-        shared
-            .lock()
-            .unwrap()
-            .write_config(4, &16384u32.to_le_bytes());
+        let write_actual =
+            |pages: u32| shared.lock().unwrap().write_config(4, &pages.to_le_bytes());
+        write_actual(16384);
+        write_actual(16384);
         assert_eq!(balloon.actual(), 192 << 20);
-        let seen = seen.lock().unwrap().clone();
+        let wait_events = |n: usize| {
+            let deadline = std::time::Instant::now() + 3 * EVENT_PERIOD;
+            while seen.lock().unwrap().len() < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{:?}",
+                    seen.lock().unwrap()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            seen.lock().unwrap().clone()
+        };
         assert_eq!(
-            seen,
+            wait_events(1),
             vec![(
                 "BALLOON_CHANGED".to_string(),
                 json!({"actual": 192u64 << 20})
             )]
         );
+        // A burst (a guest deflating page by page) is one more event, with the last value.
+        for pages in (1000..16384).rev().step_by(97) {
+            write_actual(pages);
+        }
+        write_actual(0);
+        let got = wait_events(2);
+        std::thread::sleep(2 * EVENT_PERIOD);
+        assert_eq!(seen.lock().unwrap().len(), 2, "{got:?}");
+        assert_eq!(got[1].1, json!({"actual": 256u64 << 20}));
         // A write of num_pages by a confused guest is no event.
         shared.lock().unwrap().write_config(0, &[1, 0, 0, 0]);
-        assert_eq!(balloon.actual(), 192 << 20);
+        assert_eq!(balloon.actual(), 256 << 20);
+        std::thread::sleep(2 * EVENT_PERIOD);
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
 }
