@@ -20,6 +20,22 @@ use crate::{Error, Result};
 /// The socket path to unlink when a signal ends the process.
 static SOCKET_PATH: OnceLock<PathBuf> = OnceLock::new();
 
+/// Restores the default action (death) for SIGSEGV and SIGBUS.
+///
+/// Rust's runtime catches both to report stack overflows; for any other fault its handler
+/// resets the action and returns, so a signal sent with kill(2) is silently swallowed once. A
+/// backend that took a fault, or was told it did, must end at once so that the supervisor
+/// replaces it with a fresh process instead of trusting one in an unknown state.
+fn die_on_fault_signals() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGSEGV, Signal::SIGBUS] {
+        // SAFETY: installing the default action involves no handler code at all.
+        unsafe { sigaction(sig, &default) }.map_err(|e| Error::Signals(std::io::Error::from(e)))?;
+    }
+    Ok(())
+}
+
 /// Sets up logging and termination signals; call first thing in `main`,
 /// before any thread exists.
 ///
@@ -36,6 +52,8 @@ static SOCKET_PATH: OnceLock<PathBuf> = OnceLock::new();
 /// function returns in the child, the parent staying outside as its keeper.
 pub fn prepare(program: &'static str, args: &VhostUserArgs) -> Result<()> {
     crate::logger::init(program, args.log_level, args.log_file.as_deref())?;
+    // Before the jail forks its keeper, so that both die of a fault signal.
+    die_on_fault_signals()?;
     crate::jail::early(args)?;
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
