@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use crate::acpi::{self, AcpiError};
 use crate::arch::boot::{self, BootError, BootImage};
-use crate::config::{BackendSocket, SerialConfig, VhostUserKind, VmConfig};
+use crate::config::{BackendSocket, SerialConfig, VhostUserConfig, VhostUserKind, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::legacy::serial::{spawn_input_thread, SerialOut};
 use crate::events::EventRelay;
@@ -18,7 +18,7 @@ use crate::exit::VmExit;
 use crate::hotplug::{SlotDevice, SlotKind, BLK_SLOTS, NET_SLOTS};
 use crate::vhost_user::balloon::{vhost_user_balloon, BalloonHandle};
 use crate::vhost_user::net;
-use crate::vhost_user::{blk, memory::MemoryTable};
+use crate::vhost_user::{blk, memory::MemoryTable, FrontendError, VhostUserDevice};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuRunState};
 use crate::vstate::vm::{IrqchipSnapshot, Vm, VmError};
@@ -340,6 +340,57 @@ fn backend_stream(socket: &BackendSocket) -> Result<UnixStream, String> {
     }
 }
 
+/// Refuses more cold-plugged devices of one kind than the machine has slots for.
+fn check_slot_count(
+    configured: &[&VhostUserConfig],
+    slots: usize,
+    what: &str,
+) -> Result<(), BuildError> {
+    match configured.get(slots) {
+        Some(extra) => Err(BuildError::Backend {
+            id: extra.id.clone(),
+            reason: format!("microvm has {slots} {what} slots, hot-plugged ones included"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Places one replaceable slot: the frontend `device` behind a new virtio-mmio transport,
+/// with the backend of `cold` attached when the command line names one.
+fn add_slot(
+    vm: &Vm,
+    devices: &mut DeviceManager,
+    kind: SlotKind,
+    slot: String,
+    cold: Option<&VhostUserConfig>,
+    device: Result<VhostUserDevice, FrontendError>,
+) -> Result<Arc<Mutex<VhostUserDevice>>, BuildError> {
+    let backend_err = |reason: String| BuildError::Backend {
+        id: cold.map_or(slot.clone(), |d| d.id.clone()),
+        reason,
+    };
+    let mut device = device.map_err(|e| backend_err(e.to_string()))?;
+    if let Some(cold) = cold {
+        let stream = backend_stream(&cold.socket).map_err(&backend_err)?;
+        device
+            .attach(stream)
+            .map_err(|e| backend_err(e.to_string()))?;
+    }
+    let shared = Arc::new(Mutex::new(device));
+    let transport = SlotDevice::new(shared.clone())
+        .map_err(|e| backend_err(format!("cannot share the device: {e}")))?;
+    let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(transport))?;
+    log::info!(
+        "{slot}{}: vhost-user {} at {:#x}, IRQ {}",
+        cold.map(|d| format!(" ({})", d.id)).unwrap_or_default(),
+        kind.prefix(),
+        info.base,
+        info.irq
+    );
+    devices.slots.push(slot, kind, info, shared.clone());
+    Ok(shared)
+}
+
 /// Creates the six block slots: cold-plugged disks (`-device vhost-user-blk-device`) fill the
 /// first ones, in command-line order, with their backends attached; the rest start empty.
 fn add_blk_slots(
@@ -350,42 +401,16 @@ fn add_blk_slots(
     devices: &mut DeviceManager,
 ) -> Result<(), BuildError> {
     let disks = config.disks();
-    if disks.len() > BLK_SLOTS {
-        return Err(BuildError::Backend {
-            id: disks[BLK_SLOTS].id.clone(),
-            reason: format!("microvm has {BLK_SLOTS} disk slots, hot-plugged disks included"),
-        });
-    }
+    check_slot_count(&disks, BLK_SLOTS, "disk")?;
     for index in 0..BLK_SLOTS {
         let slot = format!("{}{index}", SlotKind::Blk.prefix());
         let disk = disks.get(index).copied();
-        let backend_err = |reason: String| BuildError::Backend {
-            id: disk.map_or(slot.clone(), |d| d.id.clone()),
-            reason,
-        };
         let queues = match disk.map(|d| &d.kind) {
             Some(VhostUserKind::Blk { num_queues }) => *num_queues,
             _ => 1,
         };
-        let mut device = blk::vhost_user_blk(&slot, queues, &ram.memory, table)
-            .map_err(|e| backend_err(e.to_string()))?;
-        if let Some(disk) = disk {
-            let stream = backend_stream(&disk.socket).map_err(&backend_err)?;
-            device
-                .attach(stream)
-                .map_err(|e| backend_err(e.to_string()))?;
-        }
-        let shared = Arc::new(Mutex::new(device));
-        let transport = SlotDevice::new(shared.clone())
-            .map_err(|e| backend_err(format!("cannot share the device: {e}")))?;
-        let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(transport))?;
-        log::info!(
-            "{slot}{}: vhost-user block slot at {:#x}, IRQ {}",
-            disk.map(|d| format!(" ({})", d.id)).unwrap_or_default(),
-            info.base,
-            info.irq
-        );
-        devices.slots.push(slot, SlotKind::Blk, info, shared);
+        let device = blk::vhost_user_blk(&slot, queues, &ram.memory, table);
+        add_slot(vm, devices, SlotKind::Blk, slot, disk, device)?;
     }
     Ok(())
 }
@@ -400,12 +425,7 @@ fn add_net_slots(
     devices: &mut DeviceManager,
 ) -> Result<(), BuildError> {
     let nics = config.nics();
-    if nics.len() > NET_SLOTS {
-        return Err(BuildError::Backend {
-            id: nics[NET_SLOTS].id.clone(),
-            reason: format!("microvm has {NET_SLOTS} NIC slots, hot-plugged NICs included"),
-        });
-    }
+    check_slot_count(&nics, NET_SLOTS, "NIC")?;
     let seed = std::process::id()
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -413,33 +433,12 @@ fn add_net_slots(
     for index in 0..NET_SLOTS {
         let slot = format!("{}{index}", SlotKind::Net.prefix());
         let nic = nics.get(index).copied();
-        let backend_err = |reason: String| BuildError::Backend {
-            id: nic.map_or(slot.clone(), |d| d.id.clone()),
-            reason,
-        };
         let mac = match nic.map(|n| &n.kind) {
             Some(VhostUserKind::Net { mac: Some(mac) }) => *mac,
             _ => net::slot_mac(seed, index as u8),
         };
-        let mut device = net::vhost_user_net(&slot, mac, &ram.memory, table)
-            .map_err(|e| backend_err(e.to_string()))?;
-        if let Some(nic) = nic {
-            let stream = backend_stream(&nic.socket).map_err(&backend_err)?;
-            device
-                .attach(stream)
-                .map_err(|e| backend_err(e.to_string()))?;
-        }
-        let shared = Arc::new(Mutex::new(device));
-        let transport = SlotDevice::new(shared.clone())
-            .map_err(|e| backend_err(format!("cannot share the device: {e}")))?;
-        let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(transport))?;
-        log::info!(
-            "{slot}{}: vhost-user NIC slot at {:#x}, IRQ {}",
-            nic.map(|d| format!(" ({})", d.id)).unwrap_or_default(),
-            info.base,
-            info.irq
-        );
-        devices.slots.push(slot, SlotKind::Net, info, shared);
+        let device = net::vhost_user_net(&slot, mac, &ram.memory, table);
+        add_slot(vm, devices, SlotKind::Net, slot, nic, device)?;
     }
     Ok(())
 }
@@ -462,37 +461,16 @@ fn add_balloon(
             deflate_on_oom: true
         }
     );
-    let backend_err = |reason: String| BuildError::Backend {
-        id: balloon.id.clone(),
-        reason,
-    };
     let mem_bytes = config.mem_mib << 20;
-    let mut device = vhost_user_balloon(
+    let device = vhost_user_balloon(
         deflate_on_oom,
         mem_bytes,
         &ram.memory,
         table,
         events.clone(),
-    )
-    .map_err(|e| backend_err(e.to_string()))?;
-    let stream = backend_stream(&balloon.socket).map_err(&backend_err)?;
-    device
-        .attach(stream)
-        .map_err(|e| backend_err(e.to_string()))?;
-    let shared = Arc::new(Mutex::new(device));
-    let transport = SlotDevice::new(shared.clone())
-        .map_err(|e| backend_err(format!("cannot share the device: {e}")))?;
-    let (info, _) = devices.add_virtio_mmio(vm.fd(), Box::new(transport))?;
-    log::info!(
-        "{}: vhost-user balloon at {:#x}, IRQ {}",
-        balloon.id,
-        info.base,
-        info.irq
     );
     let slot = format!("{}0", SlotKind::Balloon.prefix());
-    devices
-        .slots
-        .push(slot, SlotKind::Balloon, info, shared.clone());
+    let shared = add_slot(vm, devices, SlotKind::Balloon, slot, Some(balloon), device)?;
     devices.balloon = Some(BalloonHandle::new(shared, mem_bytes));
     Ok(())
 }
