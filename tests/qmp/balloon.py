@@ -13,14 +13,12 @@ guest (`balloon` scenario) touches most of its memory, then reports MemFree ever
      instead of the OOM killer killing anything.
 Prints BALLOON-OK on success; any failure raises.
 """
-import argparse
 import os
 import re
 import subprocess
-import sys
 import time
 
-from flotilla_qmp import alive, children, connect_unix, wait_for
+from flotilla_qmp import alive, children, connect_unix, wait_for, driver_args, finish, reader, run_dir
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -39,14 +37,9 @@ def memfd_bytes(core_pid):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--flotilla", required=True)
-    p.add_argument("--kernel", required=True)
-    p.add_argument("--initrd", required=True)
-    a = p.parse_args()
+    a = driver_args()
 
-    run = f"/tmp/flotilla-balloon-{os.getpid()}"
-    os.makedirs(run, exist_ok=True)
+    run = run_dir("balloon")
     qmp_path, serial = f"{run}/qmp.sock", f"{run}/serial.log"
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=balloon"
     vm = subprocess.Popen(
@@ -57,7 +50,7 @@ def main():
         stdin=subprocess.DEVNULL)
     try:
         q = connect_unix(qmp_path)
-        log = lambda: open(serial, errors="replace").read() if os.path.exists(serial) else ""
+        log = reader(serial)
         core = [c for c in children(vm.pid)[0] if open(f"/proc/{c}/comm").read().strip() == "flotilla-vmm"][0]
         backend = lambda: q.cmd("flotilla-query-backends")[0]
         assert backend()["driver"] == "virtio-balloon-device", backend()
@@ -129,11 +122,7 @@ def main():
         assert vm.wait(timeout=60) == 0
         print("BALLOON-OK", flush=True)
     finally:
-        if vm.poll() is None:
-            vm.kill()
-        if os.path.exists(serial):
-            sys.stderr.write("--- guest serial (tail) ---\n" + open(serial, errors="replace").read()[-3000:])
-        subprocess.run(["rm", "-rf", run])
+        finish([vm], serial, run, 3000)
 
 
 if __name__ == "__main__":

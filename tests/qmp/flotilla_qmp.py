@@ -105,3 +105,39 @@ def state(pid):
 def alive(pid):
     s = state(pid)
     return s is not None and s != "Z"
+
+
+def driver_args(**extra):
+    """The arguments every driver takes (--flotilla, --kernel, --initrd), plus `extra`
+    options given as name=(type, default)."""
+    import argparse
+    p = argparse.ArgumentParser()
+    for name in ("flotilla", "kernel", "initrd"):
+        p.add_argument(f"--{name}", required=True)
+    for name, (kind, default) in extra.items():
+        p.add_argument(f"--{name}", type=kind, default=default)
+    return p.parse_args()
+
+
+def run_dir(name):
+    """A fresh scratch directory for this driver run."""
+    path = f"/tmp/flotilla-{name}-{os.getpid()}"
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def reader(path):
+    """A function returning the current text of a growing file (the guest's serial log)."""
+    return lambda: open(path, errors="replace").read() if os.path.exists(path) else ""
+
+
+def finish(procs, serial, run, tail=4000):
+    """Kills what still runs, shows the end of the guest's serial log, removes `run`."""
+    import subprocess
+    import sys
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+    if os.path.exists(serial):
+        sys.stderr.write("--- guest serial (tail) ---\n" + open(serial, errors="replace").read()[-tail:])
+    subprocess.run(["rm", "-rf", run])

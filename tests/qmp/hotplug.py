@@ -17,25 +17,17 @@ appears and reports disks that vanish. Then:
   7. a second VM with a hot-plugged disk whose gateway is SIGKILLed: core and backend die.
 Prints HOTPLUG-OK and the latencies on success; any failure raises.
 """
-import argparse
-import os
 import signal
 import subprocess
-import sys
 import time
 
-from flotilla_qmp import alive, children, connect_unix, wait_for
+from flotilla_qmp import alive, children, connect_unix, wait_for, driver_args, finish, reader, run_dir
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--flotilla", required=True)
-    p.add_argument("--kernel", required=True)
-    p.add_argument("--initrd", required=True)
-    a = p.parse_args()
+    a = driver_args()
 
-    run = f"/tmp/flotilla-hotplug-{os.getpid()}"
-    os.makedirs(run, exist_ok=True)
+    run = run_dir("hotplug")
     images = {}
     for name in ["cold", "d1", "d2", "d3", "d4", "cycle"]:
         images[name] = f"{run}/{name}.img"
@@ -53,7 +45,7 @@ def main():
     second = None
     try:
         q = connect_unix(qmp_path)
-        log = lambda: open(serial, errors="replace").read() if os.path.exists(serial) else ""
+        log = reader(serial)
         wait_for("the guest's hotplug watcher", lambda: "hotplug=ready" in log())
         assert "hotplug vda initial=65536" in log(), log()
         assert "hotplug vdb initial=0" in log(), log()
@@ -188,12 +180,7 @@ def main():
         wait_for("the core and backend to die with the gateway", lambda: not any(alive(p) for p in procs), 10)
         print("HOTPLUG-OK", flush=True)
     finally:
-        for p in (vm, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-        if os.path.exists(serial):
-            sys.stderr.write("--- guest serial (tail) ---\n" + open(serial, errors="replace").read()[-6000:])
-        subprocess.run(["rm", "-rf", run])
+        finish([vm, second], serial, run, 6000)
 
 
 if __name__ == "__main__":

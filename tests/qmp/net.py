@@ -9,16 +9,14 @@ third 100 MiB host -> guest transfer while the backend is SIGKILLed 10 times sti
 arrives intact; eth1 hot-plugged with netdev_add + device_add (link up, ping), then
 device_del (DEVICE_DELETED, link down, backend reaped). Prints NET-OK on success.
 """
-import argparse
 import hashlib
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
-from flotilla_qmp import alive, connect_unix, wait_for
+from flotilla_qmp import alive, connect_unix, wait_for, driver_args, finish, reader, run_dir
 
 MIB = 1 << 20
 
@@ -65,14 +63,9 @@ def receiver(port, result, mib=100):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--flotilla", required=True)
-    p.add_argument("--kernel", required=True)
-    p.add_argument("--initrd", required=True)
-    a = p.parse_args()
+    a = driver_args()
 
-    run = f"/tmp/flotilla-net-{os.getpid()}"
-    os.makedirs(run, exist_ok=True)
+    run = run_dir("net")
     qmp_path, serial = f"{run}/qmp.sock", f"{run}/serial.log"
     sh("ip", "link", "set", "lo", "up")
     results = {}
@@ -92,7 +85,7 @@ def main():
         q = connect_unix(qmp_path)
         sh("ip", "addr", "add", "10.0.2.1/24", "dev", "fltap0")
         sh("ip", "link", "set", "fltap0", "up")
-        log = lambda: open(serial, errors="replace").read() if os.path.exists(serial) else ""
+        log = reader(serial)
 
         def result(key, timeout=600):
             wait_for(f"guest result '{key}'", lambda: f"net {key}" in log(), timeout)
@@ -149,11 +142,7 @@ def main():
         assert vm.wait(timeout=120) == 0
         print("NET-OK", flush=True)
     finally:
-        if vm.poll() is None:
-            vm.kill()
-        if os.path.exists(serial):
-            sys.stderr.write("--- guest serial (tail) ---\n" + open(serial, errors="replace").read()[-4000:])
-        subprocess.run(["rm", "-rf", run])
+        finish([vm], serial, run, 4000)
 
 
 if __name__ == "__main__":

@@ -10,31 +10,22 @@ one up. The guest must report zero I/O errors and zero mismatched blocks, and ke
 progress after the last kill. Every loss and restart must be reported over QMP.
 Prints RESTART-OK and restart latencies on success; any failure raises.
 """
-import argparse
 import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
-from flotilla_qmp import alive, connect_unix, wait_for
+from flotilla_qmp import alive, connect_unix, wait_for, driver_args, finish, reader, run_dir
 
 KILLS = [("SIGKILL", signal.SIGKILL), ("SIGSEGV", signal.SIGSEGV), ("SIGABRT", signal.SIGABRT)]
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--flotilla", required=True)
-    p.add_argument("--kernel", required=True)
-    p.add_argument("--initrd", required=True)
-    p.add_argument("--kills", type=int, default=20, help="kills per signal")
-    p.add_argument("--seconds", type=int, default=150, help="how long the guest writes")
-    a = p.parse_args()
+    a = driver_args(kills=(int, 20), seconds=(int, 150))
 
-    run = f"/tmp/flotilla-restart-{os.getpid()}"
-    os.makedirs(run, exist_ok=True)
+    run = run_dir("restart")
     image = f"{run}/disk.img"
     with open(image, "wb") as f:
         f.truncate(16 << 20)
@@ -51,7 +42,7 @@ def main():
     rng = random.Random(os.getpid())
     try:
         q = connect_unix(qmp_path)
-        log = lambda: open(serial, errors="replace").read() if os.path.exists(serial) else ""
+        log = reader(serial)
         gens = lambda: len(re.findall(r"stamp gen=\d+ ok", log()))
         wait_for("the guest's write loop", lambda: gens() >= 1, 120)
         latencies = []
@@ -84,11 +75,7 @@ def main():
               f"max {1000 * latencies[-1]:.0f} ms over {len(latencies)} kills", flush=True)
         print("RESTART-OK", flush=True)
     finally:
-        if vm.poll() is None:
-            vm.kill()
-        if os.path.exists(serial):
-            sys.stderr.write("--- guest serial (tail) ---\n" + open(serial, errors="replace").read()[-4000:])
-        subprocess.run(["rm", "-rf", run])
+        finish([vm], serial, run, 4000)
 
 
 if __name__ == "__main__":
