@@ -278,9 +278,9 @@ fn receive_waits_for_guest_buffers_without_spinning() {
     }
     std::thread::sleep(Duration::from_millis(100));
     let pid = s.backend.child.id();
-    let before = cpu_ticks(pid);
+    let before = tree_cpu_ticks(pid);
     std::thread::sleep(Duration::from_millis(500));
-    let used = cpu_ticks(pid) - before;
+    let used = tree_cpu_ticks(pid) - before;
     assert!(used < 10, "backend burnt {used} ticks waiting for buffers");
     // Buffers arrive: the queued frames flow, in order.
     fill_rx(&mut s.d, 100, 2048);
@@ -288,6 +288,32 @@ fn receive_waits_for_guest_buffers_without_spinning() {
         let (_, got) = guest_rx(&mut s.d, 2048).expect("queued frame");
         assert_eq!(got, test_frame(200, i));
     }
+}
+
+#[test]
+fn busy_polling_queues_pass_frames_and_sleep_when_idle() {
+    let mut s = setup(F_MRG_RXBUF | F_EVENT_IDX, &["--poll"]);
+    fill_rx(&mut s.d, 128, 2048);
+    for i in 0..30u8 {
+        tx_roundtrip(&mut s, 100 + 40 * usize::from(i), i);
+        rx_roundtrip(&mut s, 100 + 40 * usize::from(i), 100 + i, 2048);
+    }
+    // A burst the transmit queue polls through without kicks for most.
+    let frames: Vec<Vec<u8>> = (0..100u8).map(|i| test_frame(300, i)).collect();
+    for (i, f) in frames.iter().enumerate() {
+        s.d.send(i as u64, None, f);
+    }
+    for f in &frames {
+        assert_eq!(s.sock.recv_from_tap(T, false).as_ref(), Some(f));
+    }
+    // Idle: the polling window is short, the workers go back to sleep.
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = s.backend.child.id();
+    let before = tree_cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = tree_cpu_ticks(pid) - before;
+    assert!(used < 10, "an idle polling backend burnt {used} ticks");
+    assert!(s.backend.running());
 }
 
 #[test]

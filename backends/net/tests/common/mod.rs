@@ -442,6 +442,22 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// CPU time of a process and all its descendants (the backend program may
+/// serve from a child of the process we started).
+pub fn tree_cpu_ticks(pid: u32) -> u64 {
+    let mut total = cpu_ticks(pid);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            total += tree_cpu_ticks(child);
+        }
+    }
+    total
+}
+
 // ---------------------------------------------------------------- driver
 
 pub const MEM_SIZE: usize = 64 << 20;
