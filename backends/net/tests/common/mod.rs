@@ -774,7 +774,7 @@ impl Driver {
             .get_mut(usize::from(head))
             .filter(|c| !c.is_empty())
             .expect("used id is a posted head");
-        r.free.extend(ids.drain(..));
+        r.free.append(ids);
         Some((head, len))
     }
 
