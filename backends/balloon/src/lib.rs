@@ -17,13 +17,14 @@ pub mod backend;
 pub mod device;
 pub mod pfn;
 pub mod release;
+pub mod sandbox;
 pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_backend::cli::VhostUserArgs;
-use flotilla_backend::sandbox::NoSandbox;
+use flotilla_backend::jail::Jail;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BackendOptions, BalloonBackend, STATS_TIMER_EVENT};
@@ -107,7 +108,7 @@ pub fn run(args: &Args) -> Result<()> {
         backend,
         mem,
         &connection,
-        &NoSandbox,
+        &Jail::new(&args.vhost_user, sandbox::policy()),
         |daemon| {
             let handler = daemon
                 .get_epoll_handlers()

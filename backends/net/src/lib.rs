@@ -15,6 +15,7 @@ pub mod config;
 pub mod header;
 pub mod ring;
 pub mod rx;
+pub mod sandbox;
 pub mod stats;
 pub mod tap;
 pub mod tx;
@@ -23,7 +24,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use flotilla_backend::cli::VhostUserArgs;
-use flotilla_backend::sandbox::NoSandbox;
+use flotilla_backend::jail::Jail;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::NetBackend;
@@ -107,6 +108,12 @@ pub fn run(args: &Args) -> Result<()> {
         tap.name(),
         if args.poll { ", busy-polling" } else { "" }
     );
+    // The tap fd handed over on the command line is the device's; any other
+    // inherited fd is closed when the jail is entered.
+    let mut jail = Jail::new(&args.vhost_user, sandbox::policy());
+    if let Some(fd) = args.tap_fd {
+        jail = jail.keep_fd(fd);
+    }
     let mem = GuestMemoryAtomic::new(GuestMem::new());
     let backend = Arc::new(NetBackend::new(tap, mac, mem.clone(), args.poll));
     let listeners = backend.listeners();
@@ -116,7 +123,7 @@ pub fn run(args: &Args) -> Result<()> {
         backend,
         mem,
         &connection,
-        &NoSandbox,
+        &jail,
         |daemon| {
             let handlers = daemon.get_epoll_handlers();
             for (thread, fd, events, id) in listeners {

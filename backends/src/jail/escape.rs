@@ -15,7 +15,11 @@
 //! - `proc-mem:PID`: open("/proc/PID/mem");
 //! - `kill:PID`: kill(PID, 0);
 //! - `mount`: mount(MS_MOVE of "/" without a source), refused for want of
-//!   privilege before it could do anything.
+//!   privilege before it could do anything;
+//! - `fallocate:MODE`: fallocate(MODE) on a fresh 8 KiB memfd (a policy
+//!   may allow one mode only, e.g. the balloon's punch-hole);
+//! - `ioctl:FD:REQUEST`: ioctl(FD, REQUEST, 0) (REQUEST in decimal or 0x
+//!   hex; a policy may allow some requests on a device fd and not others).
 
 use std::ffi::CString;
 
@@ -31,6 +35,7 @@ pub fn attempt_from_env() {
     };
     let (name, arg) = what.split_once(':').unwrap_or((what.as_str(), ""));
     let pid: libc::pid_t = arg.parse().unwrap_or(0);
+    let (arg1, arg2) = arg.split_once(':').unwrap_or((arg, ""));
     log::warn!("escape-test: attempting {what}");
     let result = match name {
         "open" => open("/etc/passwd"),
@@ -44,6 +49,16 @@ pub fn attempt_from_env() {
         }
         "kill" => check(unsafe { libc::kill(pid, 0) }),
         "mount" => mount(),
+        "fallocate" => fallocate(number(arg1) as libc::c_int),
+        // SAFETY: an ioctl whose pointer argument, if any, is NULL: the
+        // kernel fails it with EFAULT rather than touching memory.
+        "ioctl" => check(unsafe {
+            libc::ioctl(
+                number(arg1) as libc::c_int,
+                number(arg2) as libc::c_ulong,
+                0,
+            )
+        }),
         other => {
             log::error!("escape-test: unknown attempt {other}");
             std::process::exit(2)
@@ -61,6 +76,27 @@ pub fn attempt_from_env() {
     };
     log::logger().flush();
     std::process::exit(code)
+}
+
+/// A decimal or 0x-prefixed hexadecimal number (0 if malformed).
+fn number(s: &str) -> u64 {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).unwrap_or(0),
+        None => s.parse().unwrap_or(0),
+    }
+}
+
+fn fallocate(mode: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is ours
+    // and closed below; ftruncate/fallocate take integers only.
+    unsafe {
+        let fd = libc::memfd_create(c"escape-test".as_ptr(), libc::MFD_CLOEXEC);
+        check(fd)?;
+        let result = check(libc::ftruncate(fd, 8192))
+            .and_then(|()| check(libc::fallocate(fd, mode, 0, 4096)));
+        libc::close(fd);
+        result
+    }
 }
 
 fn check(rc: libc::c_int) -> std::io::Result<()> {
