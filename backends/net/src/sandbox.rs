@@ -10,6 +10,10 @@
 //! backend cannot attach the fd to another interface or change the header
 //! size under the guest. No socket of any kind.
 
+// libc's ioctl constants change type with the architecture; the cast keeps
+// this file the same on all of them.
+#![allow(clippy::unnecessary_cast)]
+
 use flotilla_backend::jail::{SeccompPolicy, Syscall};
 
 /// The syscalls of a NIC backend beyond the base allowlist.
