@@ -57,6 +57,9 @@ pub enum BuildError {
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    /// The core's jail could not be entered.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// The serial output file.
     #[error("cannot open serial output '{path}': {source}")]
     SerialFile {
@@ -483,6 +486,9 @@ pub fn build_microvm(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let vm = Vm::new()?;
     vm.register_memory(&ram.memory)?;
     let irqchip = vm.irqchip_snapshot()?;
+    // Every file is open and guest memory exists; no thread runs yet (the first ones start
+    // with the cold-plugged backends below): the only moment namespaces can be entered.
+    crate::jail::isolate()?;
     let (exit_tx, exit_rx): (Sender<VmExit>, Receiver<VmExit>) = channel();
 
     let mut devices = DeviceManager::new();

@@ -264,6 +264,7 @@ pub const VMM_OPTIONS: &[OptionSpec] = &[
     OptionSpec::value("machine"),
     OptionSpec::optional("D"),
     OptionSpec::value("control-fd"),
+    OptionSpec::flag("disable-seccomp"),
     OptionSpec::repeated("chardev"),
     OptionSpec::repeated("device"),
     OptionSpec::flag("help"),

@@ -542,6 +542,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            crate::jail::enter_thread(crate::jail::Role::Control);
             let mut reader = BufReader::new(FdReader {
                 stream,
                 fds: fds.clone(),

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod events;
 pub mod exit;
 pub mod hotplug;
+pub mod jail;
 pub mod logger;
 pub mod options;
 pub mod terminal;

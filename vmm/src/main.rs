@@ -14,7 +14,7 @@ use vmm::config::{VmConfig, VMM_OPTIONS};
 use vmm::builder::RunningVm;
 use vmm::control::{self, ControlSender};
 use vmm::exit::VmExit;
-use vmm::{logger, options, terminal};
+use vmm::{jail, logger, options, terminal};
 
 const USAGE: &str = "\
 Usage: flotilla-vmm -kernel PATH [options]
@@ -30,6 +30,7 @@ Usage: flotilla-vmm -kernel PATH [options]
                          also list virtio-mmio devices on the kernel command line
   -D [FILE]              log to FILE (or stderr) at info level; FLOTILLA_LOG sets the level
   -control-fd N          serve the flotilla gateway's control socket on inherited fd N
+  -disable-seccomp       no seccomp filters (the rest of the jail stays)
   -version, -help";
 
 fn main() -> ExitCode {
@@ -45,13 +46,22 @@ fn main() -> ExitCode {
         println!("flotilla-vmm {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let config = match VmConfig::from_options(&opts) {
+    let mut config = match VmConfig::from_options(&opts) {
         Ok(c) => c,
         Err(e) => return usage_error(&e.to_string()),
     };
     if let Err(e) = logger::init(config.log.as_ref().map(|f| f.as_deref())) {
         return usage_error(&e.to_string());
     }
+    // Backends named by path are connected now: the jail entered during the build leaves
+    // the core no path to connect to.
+    if let Err(e) = jail::connect_backend_paths(&mut config) {
+        report(&config, &e);
+        return ExitCode::from(2);
+    }
+    jail::arm(jail::JailConfig {
+        seccomp: !opts.has("disable-seccomp"),
+    });
     let vm = match build_microvm(&config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -73,6 +83,11 @@ fn main() -> ExitCode {
     if config.serial == Some(vmm::config::SerialConfig::Stdio) {
         terminal::set_raw();
     }
+    // Every other thread has started under its own filter; the main thread's comes last so
+    // that none of them inherits it.
+    jail::enter_thread(jail::Role::Main);
+    #[cfg(feature = "escape-test")]
+    jail::escape::attempt_from_env();
     let reason = vm.wait();
     if let Some(sender) = &control {
         sender.event("SHUTDOWN", control::shutdown_event(&reason));

@@ -127,7 +127,10 @@ pub fn vhost_user_balloon(
     let (changes, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("balloon-events".into())
-        .spawn(move || throttle_events(rx, mem_bytes, events))
+        .spawn(move || {
+            crate::jail::enter_thread(crate::jail::Role::Events);
+            throttle_events(rx, mem_bytes, events)
+        })
         .map_err(FrontendError::EventFd)?;
     Ok(VhostUserDevice::new(
         "balloon0",

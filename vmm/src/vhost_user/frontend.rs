@@ -535,11 +535,14 @@ impl VhostUserDevice {
         let name = self.name.clone();
         std::thread::Builder::new()
             .name(format!("{}-backend-req", self.name))
-            .spawn(move || loop {
-                // Ends when the backend closes its end (or sends garbage).
-                if let Err(e) = handler.handle_request() {
-                    log::info!("{name}: backend channel closed: {e}");
-                    return;
+            .spawn(move || {
+                crate::jail::enter_thread(crate::jail::Role::BackendRequest);
+                loop {
+                    // Ends when the backend closes its end (or sends garbage).
+                    if let Err(e) = handler.handle_request() {
+                        log::info!("{name}: backend channel closed: {e}");
+                        return;
+                    }
                 }
             })
             .map_err(FrontendError::EventFd)?;

@@ -339,6 +339,7 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                crate::jail::enter_thread(crate::jail::Role::Vcpu);
                 if let Some(tid) = run_state.thread_ids.get(usize::from(index)) {
                     // SAFETY: gettid takes no arguments and cannot fail.
                     tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);

@@ -54,6 +54,7 @@ pub fn spawn_input_thread(
     std::thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || {
+            crate::jail::enter_thread(crate::jail::Role::SerialInput);
             let mut buf = [0u8; 64];
             loop {
                 let n = match input.read(&mut buf) {
