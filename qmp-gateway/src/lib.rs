@@ -8,5 +8,6 @@ pub mod cli;
 pub mod core_link;
 pub mod gateway;
 pub mod hotplug;
+pub mod privileges;
 pub mod qmp;
 pub mod supervisor;

@@ -55,6 +55,9 @@ fn fail(msg: &str, code: u8) -> ExitCode {
 }
 
 fn run(config: &GatewayConfig) -> Result<(), (String, u8)> {
+    // Before any thread exists: capabilities and no_new_privs are per thread.
+    qmp_gateway::privileges::drop_unneeded()
+        .map_err(|e| (format!("cannot drop privileges: {e}"), 1))?;
     // Before any thread exists: fork is only sound in a single-threaded process.
     let ready = if config.daemonize {
         Some(daemonize()?)

@@ -156,6 +156,10 @@ fn core_args(config: &GatewayConfig, devices: &[CoreDevice]) -> Vec<String> {
         }
         None => {}
     }
+    if config.disable_seccomp {
+        // The core's filters only; its namespaces, empty root and dropped privileges stay.
+        args.push("-disable-seccomp".into());
+    }
     match &config.log {
         Some(Some(path)) => args.extend(["-D".into(), path.to_string_lossy().into_owned()]),
         Some(None) => args.push("-D".into()),

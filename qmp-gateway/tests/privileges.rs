@@ -1,0 +1,167 @@
+//! What the running `flotilla` keeps of its privileges, and the jail of the core it starts:
+//! the gateway's bounding set is trimmed to `qmp_gateway::privileges::KEPT` with
+//! no_new_privs set (and its children still jail themselves); the core runs with every
+//! thread fenced, and `-disable-seccomp` turns off the core's filters and nothing else.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{spin_kernel, temp_dir, wait_for, Client};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+fn spawn(sock: &Path, extra: &[&str]) -> Child {
+    let kernel = spin_kernel(sock.parent().expect("socket directory"));
+    let child = Command::new(BIN)
+        .arg("-kernel")
+        .arg(&kernel)
+        .args(["-smp", "2", "-qmp"])
+        .arg(format!("unix:{},server,nowait", sock.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flotilla");
+    wait_for("the QMP socket", || sock.exists());
+    child
+}
+
+fn status_field(path: &str, name: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// The core: the gateway's child running flotilla-vmm.
+fn core_of(gateway: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{gateway}/task/{gateway}/children"))
+            .unwrap_or_default();
+        for pid in children.split_whitespace() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "flotilla-vmm" {
+                return pid.parse().unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "no core under {gateway}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until every thread of `pid` (at least main, control and two vCPUs) shows
+/// `Seccomp: want`, then returns each thread's status path.
+fn threads_with_seccomp(pid: u32, want: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| Some(format!("{}/status", e.ok()?.path().to_str()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if tasks.len() >= 4 && tasks.iter().all(|t| status_field(t, "Seccomp") == want) {
+            return tasks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "core threads never all Seccomp {want}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ns(pid: &str, which: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{which}"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn quit(sock: &Path, mut child: Child) {
+    let mut c = Client::unix(sock);
+    c.negotiate();
+    let r = c.cmd(json!({"execute": "query-status"}));
+    assert_eq!(r["return"]["status"], "running", "{r}");
+    c.send(&json!({"execute": "quit"}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "flotilla did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("seccomp refused"), "{err}");
+}
+
+#[test]
+fn the_gateway_keeps_only_what_it_needs_and_the_core_is_jailed() {
+    let dir = temp_dir("priv");
+    let sock = dir.join("q.sock");
+    let child = spawn(&sock, &[]);
+    let gateway = child.id();
+    let status = format!("/proc/{gateway}/status");
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let kept = format!("{:016x}", qmp_gateway::privileges::kept_mask());
+        assert_eq!(status_field(&status, "CapBnd"), kept);
+        assert_eq!(status_field(&status, "CapEff"), kept);
+    }
+    let core = core_of(gateway);
+    for t in threads_with_seccomp(core, "2") {
+        assert_eq!(status_field(&t, "NoNewPrivs"), "1", "{t}");
+        assert_eq!(status_field(&t, "CapEff"), "0000000000000000", "{t}");
+        assert_eq!(status_field(&t, "CapBnd"), "0000000000000000", "{t}");
+    }
+    assert_ne!(ns("self", "net"), ns(&core.to_string(), "net"));
+    assert_ne!(ns("self", "mnt"), ns(&core.to_string(), "mnt"));
+    // stop/cont and the other VM commands still work under the filters.
+    let mut c = Client::unix(&sock);
+    c.negotiate();
+    c.send(&json!({"execute": "stop"}));
+    assert_eq!(c.recv()["event"], "STOP");
+    assert_eq!(c.recv(), json!({"return": {}}));
+    c.send(&json!({"execute": "cont"}));
+    assert_eq!(c.recv()["event"], "RESUME");
+    assert_eq!(c.recv(), json!({"return": {}}));
+    let r = c.cmd(json!({"execute": "system_reset"}));
+    assert_eq!(r["return"], json!({}), "{r}");
+    drop(c);
+    quit(&sock, child);
+}
+
+#[test]
+fn disable_seccomp_turns_off_the_cores_filters_and_nothing_else() {
+    let dir = temp_dir("noseccomp");
+    let sock = dir.join("q.sock");
+    let child = spawn(&sock, &["-disable-seccomp"]);
+    let core = core_of(child.id());
+    for t in threads_with_seccomp(core, "0") {
+        assert_eq!(status_field(&t, "NoNewPrivs"), "1", "{t}");
+        assert_eq!(status_field(&t, "CapEff"), "0000000000000000", "{t}");
+    }
+    assert_ne!(ns("self", "net"), ns(&core.to_string(), "net"));
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{core}/root"))
+        .unwrap()
+        .collect();
+    assert!(root.is_empty(), "{root:?}");
+    quit(&sock, child);
+}
