@@ -165,3 +165,50 @@ fn disable_seccomp_turns_off_the_cores_filters_and_nothing_else() {
     assert!(root.is_empty(), "{root:?}");
     quit(&sock, child);
 }
+
+/// The jailed core's control thread attaches backends under its filter: a hot-plugged disk
+/// (x-attach-backend: the socket arrives with SCM_RIGHTS, a socketpair and a request-channel
+/// thread are made), its backend killed and replaced by the supervisor (attach again),
+/// then unplugged — the core never dies of SIGSYS.
+#[test]
+fn hotplug_and_backend_restart_work_under_the_cores_filters() {
+    let dir = temp_dir("hotplug");
+    let sock = dir.join("q.sock");
+    let image = dir.join("a.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let child = spawn(&sock, &[]);
+    let core = core_of(child.id());
+    threads_with_seccomp(core, "2");
+    let mut c = Client::unix(&sock);
+    c.negotiate();
+    let r = c.cmd(json!({"execute": "blockdev-add", "arguments": {
+        "node-name": "drive-0",
+        "file": {"driver": "file", "filename": image.to_str().unwrap()},
+        "cache": {"direct": false}, "read-only": false}}));
+    assert_eq!(r["return"], json!({}), "{r}");
+    let r = c.cmd(json!({"execute": "device_add", "arguments": {
+        "id": "drive-0", "driver": "virtio-blk-mmio", "addr": "0x1"}}));
+    assert_eq!(r["return"], json!({}), "{r}");
+    let backends = |c: &mut Client| c.cmd(json!({"execute": "flotilla-query-backends"}));
+    let r = backends(&mut c);
+    let pid = r["return"][0]["pid"].as_u64().unwrap_or(0) as i32;
+    assert!(pid > 0, "{r}");
+    // SAFETY: kill with a pid the gateway reported for its backend.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = backends(&mut c);
+        let b = &r["return"][0];
+        if b["restarts"] == 1 && b["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never replaced: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "drive-0"}}));
+    assert!(r.get("return").is_some(), "{r}");
+    let r = c.cmd(json!({"execute": "query-status"}));
+    assert_eq!(r["return"]["status"], "running", "{r}");
+    drop(c);
+    quit(&sock, child);
+}
