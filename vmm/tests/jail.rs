@@ -204,5 +204,9 @@ fn the_jailed_core_seen_from_the_host() {
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     let _ = std::fs::remove_file(&kernel);
-    assert!(!stderr(&out).contains("seccomp refused"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("seccomp refused"),
+        "{}",
+        stderr(&out)
+    );
 }
