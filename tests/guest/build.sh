@@ -10,8 +10,13 @@
 #                                      busybox-static, tests/guest/rootfs-init as /sbin/init,
 #                                      the scenarios, /etc/flotilla-rootfs-id (also in
 #                                      tests/cache/rootfs/id); needs mkfs.ext4 (e2fsprogs)
+#   tests/cache/guest-iperf3/initramfs.img  (target iperf3 only, not in all) the guest
+#                                      initramfs followed by a second cpio archive holding
+#                                      iperf3 and its libraries (iperf3, libiperf0, libsctp1,
+#                                      libssl3, libc6): ~3 MB more, so only the network
+#                                      benchmark boots it; the kernel is tests/cache/guest/vmlinuz
 #
-# Usage: tests/guest/build.sh [all|guest|l1|rootfs]     (default: all)
+# Usage: tests/guest/build.sh [all|guest|l1|rootfs|iperf3]     (default: all)
 #
 # Idempotent: a stamp file records the hash of every input (this script, the
 # init scripts, the scenarios, the chosen .deb files); when it matches and the
@@ -32,7 +37,7 @@ WHAT="${1:-all}"
 log() { echo "build.sh: $*" >&2; }
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
-case "$WHAT" in all|guest|l1|rootfs) ;; *) die "unknown target '$WHAT' (all|guest|l1|rootfs)";; esac
+case "$WHAT" in all|guest|l1|rootfs|iperf3) ;; *) die "unknown target '$WHAT' (all|guest|l1|rootfs|iperf3)";; esac
 for tool in dpkg-deb cpio gzip sha256sum apt-get apt-cache flock; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
@@ -206,7 +211,7 @@ build_image() {
     log "$kind: $out/vmlinuz $out/initramfs.img ($(du -h "$out/initramfs.img" | cut -f1))"
 }
 
-if [ "$WHAT" = all ] || [ "$WHAT" = guest ]; then
+if [ "$WHAT" = all ] || [ "$WHAT" = guest ] || [ "$WHAT" = iperf3 ]; then
     build_image guest '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' "${FLOTILLA_GUEST_KERNEL_PKG:-}" \
         "$HERE/init" "$GUEST_MODULES" "$HERE"/scenarios/*.sh
 fi
@@ -246,4 +251,60 @@ build_rootfs() {
 }
 if [ "$WHAT" = rootfs ]; then
     build_rootfs
+fi
+
+# The guest initramfs plus iperf3 (tests/examples/bench_net_vm.rs). The extra files go in a
+# second cpio archive appended to the guest image, as tests/guest/extend.sh does. The
+# shared objects are the ones `ldd /usr/bin/iperf3` names on Debian 12; the build checks
+# with the staged dynamic loader that they are enough.
+IPERF3_PKGS="iperf3 libiperf0 libsctp1 libssl3 libc6"
+IPERF3_LIBS="libiperf.so.0 libcrypto.so.3 libsctp.so.1 libm.so.6 libc.so.6"
+build_iperf3() {
+    local out="$CACHE/guest-iperf3" pkg deb want stage lib src root dir
+    local debs=() roots=()
+    for pkg in $IPERF3_PKGS; do
+        deb="$(fetch_deb "$pkg" "^${pkg}_.*\.deb\$")"
+        debs+=("$deb")
+        roots+=("$(extract_deb "$deb")")
+    done
+    want="$(inputs_hash "$CACHE/guest/.stamp" <(for deb in "${debs[@]}"; do basename "$deb"; done))"
+    if [ -e "$out/initramfs.img" ] && [ "$(cat "$out/.stamp" 2>/dev/null)" = "$want" ]; then
+        log "guest-iperf3 image up to date"
+        return 0
+    fi
+    log "building guest-iperf3 image"
+    stage="$CACHE/stage-iperf3"
+    rm -rf "$stage" && mkdir -p "$stage"/{bin,lib64,lib/x86_64-linux-gnu} "$out"
+    for root in "${roots[@]}"; do
+        if [ -x "$root/usr/bin/iperf3" ]; then
+            install -m 755 "$root/usr/bin/iperf3" "$stage/bin/iperf3"
+        fi
+        if [ -e "$root/lib64/ld-linux-x86-64.so.2" ]; then
+            cp -L "$root/lib64/ld-linux-x86-64.so.2" "$stage/lib64/"
+        fi
+    done
+    [ -x "$stage/bin/iperf3" ] || die "no usr/bin/iperf3 in the iperf3 package"
+    [ -e "$stage/lib64/ld-linux-x86-64.so.2" ] || die "no lib64/ld-linux-x86-64.so.2 in libc6"
+    for lib in $IPERF3_LIBS; do
+        src=""
+        for root in "${roots[@]}"; do
+            for dir in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu; do
+                if [ -z "$src" ] && [ -e "$root/$dir/$lib" ]; then src="$root/$dir/$lib"; fi
+            done
+        done
+        [ -n "$src" ] || die "$lib not found in $IPERF3_PKGS"
+        cp -L "$src" "$stage/lib/x86_64-linux-gnu/$lib"
+    done
+    # Same loader and libraries as in the guest; fails on a missing shared object.
+    "$stage/lib64/ld-linux-x86-64.so.2" --library-path "$stage/lib/x86_64-linux-gnu" \
+        "$stage/bin/iperf3" --version >/dev/null || die "staged iperf3 does not run"
+    pack_cpio "$stage" "$out/iperf3.cpio.gz"
+    cat "$CACHE/guest/initramfs.img" "$out/iperf3.cpio.gz" >"$out/initramfs.img.tmp"
+    mv "$out/initramfs.img.tmp" "$out/initramfs.img"
+    rm -rf "$stage" "$out/iperf3.cpio.gz"
+    echo "$want" >"$out/.stamp"
+    log "guest-iperf3: $out/initramfs.img ($(du -h "$out/initramfs.img" | cut -f1))"
+}
+if [ "$WHAT" = iperf3 ]; then
+    build_iperf3
 fi

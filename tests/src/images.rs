@@ -70,6 +70,26 @@ pub fn l1_images() -> Result<Images> {
     checked(Images::in_cache("l1"))
 }
 
+/// The test guest with iperf3 (network benchmark): the guest kernel and
+/// `tests/cache/guest-iperf3/initramfs.img`, the guest initramfs followed by an
+/// archive with iperf3 and its libraries (`tests/guest/build.sh iperf3`, built
+/// once per process, idempotently). A separate image because it is ~4x the
+/// size of the one every other test boots.
+pub fn iperf3_guest_images() -> Result<Images> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build("iperf3").map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|msg| Error::ImageBuild {
+            status: "earlier in this process".into(),
+            stderr: msg,
+        })?;
+    checked(Images {
+        kernel: Images::in_cache("guest").kernel,
+        initramfs: paths::cache_dir().join("guest-iperf3/initramfs.img"),
+    })
+}
+
 /// The ext4 root file system image for `root=/dev/vda` boots
 /// (`tests/guest/build.sh rootfs`) and the id its init prints
 /// (`FLOTILLA-ROOTFS-INIT id=...`).

@@ -27,7 +27,9 @@ pub mod process;
 pub use error::{Error, Result};
 pub use guest::{boot_guest, GuestConfig, GuestRun, Vmm, GUEST_TIMEOUT};
 pub use host::{KvmHost, Output};
-pub use images::{extend_initramfs, guest_images, l1_images, rootfs_image, Images, RootFs};
+pub use images::{
+    extend_initramfs, guest_images, iperf3_guest_images, l1_images, rootfs_image, Images, RootFs,
+};
 
 /// Quotes `s` for a POSIX shell command line (single quotes, `'` escaped).
 ///
