@@ -157,6 +157,10 @@ def main():
         assert not any(alive(p) for p in pids)
         expect_backends([])
 
+        # Nothing died on its own (a seccomp violation would show as a lost backend).
+        lost = [e for e in q.events if e["event"] == "FLOTILLA_BACKEND_LOST"]
+        assert not lost, f"backends died in normal operation: {lost}"
+
         # 6. quit: nothing left.
         core = children(vm.pid)[0]
         q.cmd("quit")
