@@ -147,9 +147,8 @@ fn vhost_net_script(nested: bool) -> String {
             r#"r=$(uname -r)
 d=$(ls -d {extract}/linux-image-"$r"_*/lib/modules/"$r" 2>/dev/null | head -n1)
 bb=$(ls {extract}/busybox-static_*/bin/busybox 2>/dev/null | head -n1)
-for m in vhost_iotlb vhost tap vhost_net; do
-    f=$(find "$d" -name "$m.ko" 2>/dev/null | head -n1)
-    [ -n "$f" ] && [ -n "$bb" ] && "$bb" insmod "$f"
+for m in vhost/vhost_iotlb net/tap vhost/vhost vhost/vhost_net; do
+    [ -n "$bb" ] && "$bb" insmod "$d/kernel/drivers/$m.ko"
 done
 "#
         )
@@ -232,7 +231,10 @@ fn bench(args: &[String]) -> Result<(), String> {
         return Err("iperf3 not found on the KVM host (apt-get install iperf3)".into());
     }
     let vhost = host
-        .run(&vhost_net_script(host.is_nested()), Duration::from_secs(60))
+        .run(
+            &vhost_net_script(host.is_nested()),
+            Duration::from_secs(120),
+        )
         .map_err(|e| e.to_string())?;
     let has_vhost = vhost.stdout_str().contains("VHOST-NET=yes");
     eprintln!("bench_net_vm: /dev/vhost-net on the KVM host: {has_vhost}");
