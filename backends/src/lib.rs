@@ -1,5 +1,8 @@
 //! Code shared by every flotilla vhost-user backend program (flotilla-blk,
-//! flotilla-net, flotilla-balloon).
+//! flotilla-net, flotilla-balloon), and the jail primitives every flotilla
+//! process uses ([`jail`]: seccomp, capabilities, rlimits, namespaces, the
+//! empty root; the core and the gateway build this crate without its default
+//! `daemon` feature and get only those).
 //!
 //! A backend is a standard vhost-user backend program as described in the
 //! vhost-user specification, section "Backend program conventions": it takes
@@ -21,22 +24,32 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "daemon")]
 pub mod chain;
+#[cfg(feature = "daemon")]
 pub mod cli;
+#[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
 pub mod inflight;
 pub mod jail;
+#[cfg(feature = "daemon")]
 pub mod logger;
+#[cfg(feature = "daemon")]
 mod relay;
+#[cfg(feature = "daemon")]
 pub mod sandbox;
 
 /// Re-exported for [`warn_limited!`], so callers need no `log` dependency of their own.
 pub use log;
 
+#[cfg(feature = "daemon")]
 use std::io;
+#[cfg(feature = "daemon")]
 use std::path::PathBuf;
 
 /// Errors of the shared backend code.
+#[cfg(feature = "daemon")]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Neither or both of `--socket-path` and `--fd` were given.
@@ -94,4 +107,5 @@ pub enum Error {
 }
 
 /// Result alias of this crate.
+#[cfg(feature = "daemon")]
 pub type Result<T> = std::result::Result<T, Error>;

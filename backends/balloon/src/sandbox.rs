@@ -30,4 +30,14 @@ mod tests {
     fn the_punch_mode_is_the_one_release_uses() {
         assert_eq!(super::PUNCH_HOLE_KEEP_SIZE, 3);
     }
+
+    /// The device's entries beyond the base, pinned: a change to the
+    /// policy must change this list too.
+    #[test]
+    fn the_policy_is_pinned() {
+        assert_eq!(
+            flotilla_backend::jail::seccomp::describe(&super::policy().syscalls),
+            ["fallocate arg1 == 0x3", "fstatfs"]
+        );
+    }
 }

@@ -24,3 +24,23 @@ const BLOCK: &[Syscall] = &[
 pub fn policy() -> SeccompPolicy {
     SeccompPolicy::new("flotilla-blk", BLOCK)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The device's entries beyond the base, pinned: a change to the
+    /// policy must change this list too.
+    #[test]
+    fn the_policy_is_pinned() {
+        assert_eq!(
+            flotilla_backend::jail::seccomp::describe(&super::policy().syscalls),
+            [
+                "fallocate",
+                "fdatasync",
+                "fsync",
+                "io_uring_enter",
+                "io_uring_register",
+                "io_uring_setup"
+            ]
+        );
+    }
+}

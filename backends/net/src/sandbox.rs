@@ -27,3 +27,16 @@ const NET: &[Syscall] = &[Syscall::arg_eq(
 pub fn policy() -> SeccompPolicy {
     SeccompPolicy::new("flotilla-net", NET)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The device's entries beyond the base, pinned: a change to the
+    /// policy must change this list too.
+    #[test]
+    fn the_policy_is_pinned() {
+        assert_eq!(
+            flotilla_backend::jail::seccomp::describe(&super::policy().syscalls),
+            ["ioctl arg1 == 0x400454d0"]
+        );
+    }
+}

@@ -1,9 +1,11 @@
-//! Test-only escape attempts, made from inside the real jail.
+//! Test-only escape attempts, made from inside the real jail (by the
+//! backends right after entering it, by the core's main thread once every
+//! thread runs under its filter).
 //!
 //! Compiled only with the `escape-test` feature (never a default feature,
-//! never in release builds). When the environment variable
-//! `FLOTILLA_ESCAPE_TEST` names an attempt, the backend makes it right after
-//! entering the jail, logs the outcome, and exits with [`DENIED`] if the
+//! never in release builds; enabled by the tests' dev-dependencies). When
+//! the environment variable `FLOTILLA_ESCAPE_TEST` names an attempt, the
+//! process makes it, reports the outcome, and exits with [`DENIED`] if the
 //! attempt failed with an errno or [`ESCAPED`] if it worked; an attempt the
 //! seccomp filter refuses never returns (the process dies of SIGSYS and its
 //! handler logs the syscall). Attempts, each harmless even where it works:
@@ -29,14 +31,16 @@ pub const DENIED: i32 = 42;
 pub const ESCAPED: i32 = 43;
 
 /// Makes the attempt `FLOTILLA_ESCAPE_TEST` names, if any, then exits.
-pub fn attempt_from_env() {
+/// `report` gets each line about it (the backends log them, the core writes
+/// them to stderr).
+pub fn attempt_from_env(report: impl Fn(log::Level, &str)) {
     let Ok(what) = std::env::var("FLOTILLA_ESCAPE_TEST") else {
         return;
     };
     let (name, arg) = what.split_once(':').unwrap_or((what.as_str(), ""));
     let pid: libc::pid_t = arg.parse().unwrap_or(0);
     let (arg1, arg2) = arg.split_once(':').unwrap_or((arg, ""));
-    log::warn!("escape-test: attempting {what}");
+    report(log::Level::Warn, &format!("escape-test: attempting {what}"));
     let result = match name {
         "open" => open("/etc/passwd"),
         "proc-mem" => open(&format!("/proc/{pid}/mem")),
@@ -60,17 +64,26 @@ pub fn attempt_from_env() {
             )
         }),
         other => {
-            log::error!("escape-test: unknown attempt {other}");
+            report(
+                log::Level::Error,
+                &format!("escape-test: unknown attempt {other}"),
+            );
             std::process::exit(2)
         }
     };
     let code = match result {
         Ok(()) => {
-            log::error!("escape-test: {what} went through");
+            report(
+                log::Level::Error,
+                &format!("escape-test: {what} went through"),
+            );
             ESCAPED
         }
         Err(e) => {
-            log::warn!("escape-test: {what} denied: {e}");
+            report(
+                log::Level::Warn,
+                &format!("escape-test: {what} denied: {e}"),
+            );
             DENIED
         }
     };

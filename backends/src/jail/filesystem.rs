@@ -1,6 +1,6 @@
-//! The jailed backend's view of the filesystem: nothing.
+//! A jailed process's view of the filesystem: nothing.
 //!
-//! In namespace mode the process has a private mount namespace (see
+//! With namespaces the process has a private mount namespace (see
 //! [`super::namespaces`]); it mounts a tiny tmpfs, makes it the root with
 //! pivot_root, detaches the old root and remounts the new one read-only.
 //! A path lookup then finds an empty directory whatever it asks for, and
@@ -82,16 +82,25 @@ pub fn chroot_into_empty_dir() -> Result<()> {
 
 /// Restricts the process with a Landlock ruleset that handles every
 /// filesystem right and allows none: all path-based access fails with
-/// EACCES. Best effort: logs what the kernel could not enforce.
-pub fn landlock_deny_all() {
+/// EACCES. Best effort: logs (as "`log_prefix`: Landlock ...") what the
+/// kernel could not enforce. `all_threads`: restrict every thread of the
+/// process (where the kernel can), not only the calling one and its
+/// later threads.
+pub fn landlock_deny_all(all_threads: bool, log_prefix: &str) {
     use landlock::{Access, AccessFs, RestrictSelfAttr, Ruleset, RulesetAttr, ABI};
     let result = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI::V6))
         .and_then(|r| r.create())
-        .and_then(|r| r.all_threads(true))
+        .and_then(|r| {
+            if all_threads {
+                r.all_threads(true)
+            } else {
+                Ok(r)
+            }
+        })
         .and_then(|r| r.restrict_self());
     match result {
-        Ok(status) => log::info!("sandbox: Landlock {:?}", status.ruleset),
-        Err(e) => log::warn!("sandbox: Landlock unavailable: {e}"),
+        Ok(status) => log::info!("{log_prefix}: Landlock {:?}", status.ruleset),
+        Err(e) => log::warn!("{log_prefix}: Landlock unavailable: {e}"),
     }
 }

@@ -1,4 +1,5 @@
-//! Resource limits of a jailed backend.
+//! Resource limits: [`lower`] for every process; [`Limits`] and [`apply`]
+//! are the backends' (the core sets its own in `vmm::jail`).
 
 use super::{Error, Result};
 
@@ -28,10 +29,11 @@ impl Default for Limits {
     }
 }
 
-type Resource = libc::__rlimit_resource_t;
+/// The resource argument of getrlimit/setrlimit.
+pub type Resource = libc::__rlimit_resource_t;
 
 /// Sets both limits of `resource` to at most `value` (never raising).
-pub(crate) fn set(resource: Resource, value: u64, what: &'static str) -> Result<()> {
+pub fn lower(resource: Resource, value: u64, what: &'static str) -> Result<()> {
     let mut cur = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -55,8 +57,8 @@ pub(crate) fn set(resource: Resource, value: u64, what: &'static str) -> Result<
 /// Sets NOFILE, NPROC and FSIZE from `limits`, and CORE to 0 (a core file
 /// of a backend holds guest memory).
 pub fn apply(limits: &Limits) -> Result<()> {
-    set(libc::RLIMIT_NOFILE, limits.max_fds, "RLIMIT_NOFILE")?;
-    set(libc::RLIMIT_NPROC, limits.max_tasks, "RLIMIT_NPROC")?;
-    set(libc::RLIMIT_FSIZE, limits.max_file_size, "RLIMIT_FSIZE")?;
-    set(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")
+    lower(libc::RLIMIT_NOFILE, limits.max_fds, "RLIMIT_NOFILE")?;
+    lower(libc::RLIMIT_NPROC, limits.max_tasks, "RLIMIT_NPROC")?;
+    lower(libc::RLIMIT_FSIZE, limits.max_file_size, "RLIMIT_FSIZE")?;
+    lower(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")
 }

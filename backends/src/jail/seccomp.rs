@@ -1,49 +1,63 @@
-//! The seccomp allowlist of a jailed backend, kept as data.
+//! Seccomp allowlists kept as data, and the code that turns them into BPF
+//! and installs them: one implementation for every flotilla process.
 //!
-//! Two filters are installed on every thread (TSYNC, since worker threads
-//! already run when the jail is entered):
+//! A process's policy is two lists (crosvm's idea of policy as data, checked
+//! by the compiler here):
 //!
-//! - the *fence* filter makes path opens and unlinks fail with EACCES
-//!   (libraries that probe files, e.g. the standard library reading cgroup
-//!   limits, then carry on) and clone3 fail with ENOSYS (its flags sit in memory where
-//!   seccomp cannot read them; glibc then falls back to clone, whose flags
-//!   the allowlist checks: threads only, never fork);
-//! - the *allowlist* filter lets through [`BASE`] (what any vhost-user
-//!   backend on `vhost-user-backend` needs) plus the device's own
-//!   [`SeccompPolicy`]; anything else traps (`--seccomp kill`: the SIGSYS
-//!   handler logs the syscall number and the process dies of SIGSYS) or is
-//!   logged by the kernel and allowed (`--seccomp log`).
+//! - the *fence*, `(syscall, errno)` pairs: those calls fail with the errno
+//!   instead of killing (path opens fail with EACCES, so libraries that probe
+//!   files carry on; clone3 fails with ENOSYS, because its flags sit in
+//!   memory where seccomp cannot read them, and glibc then falls back to
+//!   clone, whose flags an allowlist can check);
+//! - the *allowlist*, [`Syscall`] entries: anything else traps (the SIGSYS
+//!   reporter of [`install_reporter`] writes "seccomp refused syscall N" and
+//!   the process dies of SIGSYS) or, for the backends' `--seccomp log`, is
+//!   logged by the kernel and allowed.
 //!
-//! When filters disagree the kernel takes the strictest answer, so the
-//! fenced syscalls are also in the allowlist: their result is the errno.
+//! [`build`] makes one fence program per errno and then the allowlist
+//! program. When filters disagree the kernel takes the strictest answer, so
+//! fenced syscalls must also be in the allowlist: their result is the errno.
+//!
+//! The policies themselves stay with their processes: the backends' in
+//! [`super::policy`] and each backend's `sandbox.rs`, the core's per-thread
+//! roles in `vmm::jail::seccomp`.
 
 // libc's syscall numbers and ioctl constants change type with the
 // architecture; the casts keep this file the same on all of them.
 #![allow(clippy::unnecessary_cast)]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicUsize, Ordering};
 
+pub use seccompiler::{BpfProgram, SeccompAction};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
-use super::{Error, Result, SeccompMode};
+use super::{Error, Result};
+
+/// A condition on one syscall argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cond {
+    /// Argument `index` equals the value.
+    Eq(u8, u64),
+    /// Argument `index` differs from the value.
+    Ne(u8, u64),
+    /// `argument & mask == value`.
+    MaskedEq(u8, u64, u64),
+    /// Argument `index` is this process's pid (tgkill, ...).
+    OwnPid(u8),
+}
 
 /// What one allowlist entry lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Args {
     /// Any arguments.
     Any,
-    /// Only when argument `index` equals the value.
-    Eq(u8, u64),
-    /// Only when argument `index` differs from the value.
-    Ne(u8, u64),
-    /// Only when `argument & mask == value`.
-    MaskedEq(u8, u64, u64),
-    /// Only when argument `index` is this process's pid (tgkill, ...).
-    OwnPid(u8),
+    /// Only when the condition holds.
+    One(Cond),
+    /// Only when every condition holds.
+    All(&'static [Cond]),
 }
 
 /// One allowlist entry: a syscall number and a condition on its arguments.
@@ -67,198 +81,71 @@ impl Syscall {
 
     /// The syscall when argument `index` equals `value` (e.g. one ioctl).
     pub const fn arg_eq(nr: libc::c_long, index: u8, value: u64) -> Self {
+        Syscall::when(nr, Cond::Eq(index, value))
+    }
+
+    /// The syscall when `cond` holds.
+    pub const fn when(nr: libc::c_long, cond: Cond) -> Self {
         Syscall {
             nr: nr as i64,
-            args: Args::Eq(index, value),
+            args: Args::One(cond),
+        }
+    }
+
+    /// The syscall when every one of `conds` holds (none: any arguments).
+    pub const fn all(nr: libc::c_long, conds: &'static [Cond]) -> Self {
+        Syscall {
+            nr: nr as i64,
+            args: Args::All(conds),
+        }
+    }
+
+    /// The conditions, all of which must hold; empty: any arguments.
+    pub fn conds(&self) -> &[Cond] {
+        match &self.args {
+            Args::Any => &[],
+            Args::One(c) => std::slice::from_ref(c),
+            Args::All(conds) => conds,
         }
     }
 }
 
-/// The syscalls one backend needs on top of [`BASE`].
-#[derive(Debug, Clone)]
-pub struct SeccompPolicy {
-    /// The program, for log lines.
-    pub name: &'static str,
-    /// Its device's syscalls.
-    pub syscalls: Vec<Syscall>,
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Seccomp(e.to_string())
 }
-
-impl SeccompPolicy {
-    /// A policy for `name` allowing [`BASE`] plus `syscalls`.
-    pub fn new(name: &'static str, syscalls: &[Syscall]) -> Self {
-        SeccompPolicy {
-            name,
-            syscalls: syscalls.to_vec(),
-        }
-    }
-
-    /// Number of allowlist entries, base included.
-    pub fn len(&self) -> usize {
-        BASE.len() + self.syscalls.len()
-    }
-
-    /// Whether the policy has no entry at all (never: the base is there).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-const CLONE_THREAD: u64 = libc::CLONE_THREAD as u64;
-
-/// What every vhost-user backend needs once jailed: memory (guest memory
-/// arrives as fds to mmap after the jail is entered), threads and futexes,
-/// signals for SIGTERM and the SIGSYS report, epoll/eventfd/timerfd for the
-/// vring workers, messages with SCM_RIGHTS on the already-connected socket,
-/// reads and writes on already-open fds, memfds for inflight tracking.
-/// No socket, connect, bind, open, exec, fork, ptrace, mount, kill.
-pub const BASE: &[Syscall] = &[
-    // Memory.
-    Syscall::any(libc::SYS_brk),
-    Syscall::any(libc::SYS_mmap),
-    Syscall::any(libc::SYS_munmap),
-    Syscall::any(libc::SYS_mremap),
-    Syscall::any(libc::SYS_mprotect),
-    Syscall::any(libc::SYS_madvise),
-    Syscall::any(libc::SYS_memfd_create),
-    Syscall::any(libc::SYS_ftruncate),
-    // Threads, futexes, scheduling.
-    Syscall {
-        nr: libc::SYS_clone as i64,
-        args: Args::MaskedEq(0, CLONE_THREAD, CLONE_THREAD),
-    },
-    Syscall::any(libc::SYS_futex),
-    Syscall::any(libc::SYS_set_robust_list),
-    Syscall::any(libc::SYS_rseq),
-    Syscall::any(libc::SYS_sched_yield),
-    Syscall::any(libc::SYS_sched_getaffinity),
-    Syscall::arg_eq(libc::SYS_prctl, 0, libc::PR_SET_NAME as u64),
-    Syscall::arg_eq(libc::SYS_prctl, 0, libc::PR_GET_NAME as u64),
-    Syscall::any(libc::SYS_exit),
-    Syscall::any(libc::SYS_exit_group),
-    Syscall::any(libc::SYS_getpid),
-    Syscall::any(libc::SYS_gettid),
-    Syscall::any(libc::SYS_getuid),
-    Syscall::any(libc::SYS_geteuid),
-    Syscall::any(libc::SYS_getgid),
-    Syscall::any(libc::SYS_getegid),
-    // Signals: own process only; the SIGSYS handler cannot be replaced.
-    Syscall {
-        nr: libc::SYS_rt_sigaction as i64,
-        args: Args::Ne(0, libc::SIGSYS as u64),
-    },
-    Syscall::any(libc::SYS_rt_sigprocmask),
-    Syscall::any(libc::SYS_rt_sigreturn),
-    Syscall::any(libc::SYS_rt_sigtimedwait),
-    Syscall::any(libc::SYS_sigaltstack),
-    Syscall {
-        nr: libc::SYS_tgkill as i64,
-        args: Args::OwnPid(0),
-    },
-    // Time.
-    Syscall::any(libc::SYS_clock_gettime),
-    Syscall::any(libc::SYS_clock_nanosleep),
-    Syscall::any(libc::SYS_nanosleep),
-    Syscall::any(libc::SYS_gettimeofday),
-    Syscall::any(libc::SYS_timerfd_create),
-    Syscall::any(libc::SYS_timerfd_settime),
-    Syscall::any(libc::SYS_timerfd_gettime),
-    Syscall::any(libc::SYS_getrandom),
-    // Event loops.
-    Syscall::any(libc::SYS_epoll_create1),
-    Syscall::any(libc::SYS_epoll_ctl),
-    Syscall::any(libc::SYS_epoll_pwait),
-    #[cfg(target_arch = "x86_64")]
-    Syscall::any(libc::SYS_epoll_wait),
-    Syscall::any(libc::SYS_eventfd2),
-    Syscall::any(libc::SYS_ppoll),
-    #[cfg(target_arch = "x86_64")]
-    Syscall::any(libc::SYS_poll),
-    // I/O on descriptors the process already holds.
-    Syscall::any(libc::SYS_read),
-    Syscall::any(libc::SYS_write),
-    Syscall::any(libc::SYS_readv),
-    Syscall::any(libc::SYS_writev),
-    Syscall::any(libc::SYS_pread64),
-    Syscall::any(libc::SYS_pwrite64),
-    Syscall::any(libc::SYS_preadv),
-    Syscall::any(libc::SYS_pwritev),
-    Syscall::any(libc::SYS_preadv2),
-    Syscall::any(libc::SYS_pwritev2),
-    Syscall::any(libc::SYS_lseek),
-    Syscall::any(libc::SYS_close),
-    Syscall::any(libc::SYS_fcntl),
-    Syscall::any(libc::SYS_dup),
-    Syscall::any(libc::SYS_fstat),
-    Syscall::any(libc::SYS_newfstatat),
-    Syscall::any(libc::SYS_statx),
-    Syscall::arg_eq(libc::SYS_ioctl, 1, libc::FIONBIO as u64),
-    Syscall::arg_eq(libc::SYS_ioctl, 1, libc::FIOCLEX as u64),
-    // The vhost-user socket (already connected) and the relay's listener.
-    Syscall::any(libc::SYS_recvmsg),
-    Syscall::any(libc::SYS_sendmsg),
-    Syscall::any(libc::SYS_recvfrom),
-    Syscall::any(libc::SYS_sendto),
-    Syscall::any(libc::SYS_accept4),
-    Syscall::any(libc::SYS_shutdown),
-    Syscall::any(libc::SYS_getsockopt),
-    // Fenced to errnos by the first filter (see the module comment).
-    #[cfg(target_arch = "x86_64")]
-    Syscall::any(libc::SYS_open),
-    Syscall::any(libc::SYS_openat),
-    Syscall::any(libc::SYS_openat2),
-    #[cfg(target_arch = "x86_64")]
-    Syscall::any(libc::SYS_unlink),
-    Syscall::any(libc::SYS_unlinkat),
-    Syscall::any(libc::SYS_clone3),
-];
-
-/// Syscalls that fail with an errno instead of killing: (number, errno).
-const FENCED: &[(libc::c_long, i32)] = &[
-    #[cfg(target_arch = "x86_64")]
-    (libc::SYS_open, libc::EACCES),
-    #[cfg(target_arch = "x86_64")]
-    (libc::SYS_creat, libc::EACCES),
-    (libc::SYS_openat, libc::EACCES),
-    (libc::SYS_openat2, libc::EACCES),
-    // vhost's Listener removes its socket path when dropped; the keeper
-    // does that from outside the jail.
-    #[cfg(target_arch = "x86_64")]
-    (libc::SYS_unlink, libc::EACCES),
-    (libc::SYS_unlinkat, libc::EACCES),
-    (libc::SYS_clone3, libc::ENOSYS),
-];
 
 fn arch() -> Result<TargetArch> {
     std::env::consts::ARCH
         .try_into()
-        .map_err(|e: seccompiler::BackendError| Error::Seccomp(e.to_string()))
+        .map_err(|e: seccompiler::BackendError| err(e))
 }
 
-fn condition(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompRule> {
-    let c = SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
-        .map_err(|e| Error::Seccomp(e.to_string()))?;
-    SeccompRule::new(vec![c]).map_err(|e| Error::Seccomp(e.to_string()))
-}
-
-/// Turns allowlist entries into seccompiler's rule map.
-fn rules(entries: &[Syscall]) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
-    // SAFETY: getpid cannot fail.
-    let pid = unsafe { libc::getpid() } as u64;
+/// seccompiler's rule map for `entries`; `pid` is what [`Cond::OwnPid`]
+/// compares with.
+pub fn rules(entries: &[Syscall], pid: u64) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
     let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
-    for s in entries {
-        let rule = match s.args {
-            Args::Any => None,
-            Args::Eq(i, v) => Some(condition(i, SeccompCmpOp::Eq, v)?),
-            Args::Ne(i, v) => Some(condition(i, SeccompCmpOp::Ne, v)?),
-            Args::MaskedEq(i, mask, v) => Some(condition(i, SeccompCmpOp::MaskedEq(mask), v)?),
-            Args::OwnPid(i) => Some(condition(i, SeccompCmpOp::Eq, pid)?),
-        };
-        let slot = map.entry(s.nr).or_insert_with(|| Some(Vec::new()));
-        match (slot.as_mut(), rule) {
+    for e in entries {
+        let slot = map.entry(e.nr).or_insert_with(|| Some(Vec::new()));
+        if e.conds().is_empty() {
             // An unconditional entry wins over any conditional one.
-            (_, None) => *slot = None,
-            (Some(list), Some(rule)) => list.push(rule),
-            (None, Some(_)) => {}
+            *slot = None;
+            continue;
+        }
+        let conds = e
+            .conds()
+            .iter()
+            .map(|c| {
+                let (index, op, value) = match *c {
+                    Cond::Eq(i, v) => (i, SeccompCmpOp::Eq, v),
+                    Cond::Ne(i, v) => (i, SeccompCmpOp::Ne, v),
+                    Cond::MaskedEq(i, mask, v) => (i, SeccompCmpOp::MaskedEq(mask), v),
+                    Cond::OwnPid(i) => (i, SeccompCmpOp::Eq, pid),
+                };
+                SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(err)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(list) = slot.as_mut() {
+            list.push(SeccompRule::new(conds).map_err(err)?);
         }
     }
     // seccompiler reads an empty rule list as "any arguments".
@@ -271,43 +158,75 @@ fn rules(entries: &[Syscall]) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
 fn compile(filter: SeccompFilter) -> Result<BpfProgram> {
     filter
         .try_into()
-        .map_err(|e: seccompiler::BackendError| Error::Seccomp(e.to_string()))
+        .map_err(|e: seccompiler::BackendError| err(e))
 }
 
-/// The BPF programs for `policy`: one fence per errno, then the allowlist.
-pub fn build(policy: &SeccompPolicy, mode: SeccompMode) -> Result<Vec<BpfProgram>> {
-    let on_mismatch = match mode {
-        SeccompMode::Log => SeccompAction::Log,
-        _ => SeccompAction::Trap,
-    };
+/// The BPF programs of a policy: one fence per errno of `fenced`, then the
+/// allowlist `allow`, whose mismatches get `on_mismatch` (Trap or Log).
+/// `pid` is what [`Cond::OwnPid`] compares with (the caller's pid).
+pub fn build(
+    allow: &[Syscall],
+    fenced: &[(libc::c_long, i32)],
+    on_mismatch: SeccompAction,
+    pid: u64,
+) -> Result<Vec<BpfProgram>> {
     let mut programs = Vec::new();
-    let mut errnos: Vec<i32> = FENCED.iter().map(|&(_, e)| e).collect();
+    let mut errnos: Vec<i32> = fenced.iter().map(|&(_, e)| e).collect();
     errnos.sort_unstable();
     errnos.dedup();
     for errno in errnos {
-        let fenced = FENCED
+        let these = fenced
             .iter()
             .filter(|&&(_, e)| e == errno)
             .map(|&(nr, _)| (nr as i64, Vec::new()))
             .collect();
-        let f = SeccompFilter::new(
-            fenced,
+        let filter = SeccompFilter::new(
+            these,
             SeccompAction::Allow,
             SeccompAction::Errno(errno as u32),
             arch()?,
         )
-        .map_err(|e| Error::Seccomp(e.to_string()))?;
-        programs.push(compile(f)?);
+        .map_err(err)?;
+        programs.push(compile(filter)?);
     }
-    let mut all: Vec<Syscall> = BASE.to_vec();
-    all.extend_from_slice(&policy.syscalls);
-    let allow = SeccompFilter::new(rules(&all)?, on_mismatch, SeccompAction::Allow, arch()?)
-        .map_err(|e| Error::Seccomp(e.to_string()))?;
+    let allow = SeccompFilter::new(
+        rules(allow, pid)?,
+        on_mismatch,
+        SeccompAction::Allow,
+        arch()?,
+    )
+    .map_err(err)?;
     programs.push(compile(allow)?);
     Ok(programs)
 }
 
-/// The log file's descriptor for the SIGSYS report (-1: stderr only).
+/// This process's pid, for [`build`].
+pub fn own_pid() -> u64 {
+    // SAFETY: getpid cannot fail.
+    (unsafe { libc::getpid() }) as u64
+}
+
+/// Installs `programs` on every thread of the process (TSYNC).
+pub fn apply_all_threads(programs: &[BpfProgram]) -> Result<()> {
+    for program in programs {
+        seccompiler::apply_filter_all_threads(program).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Installs `programs` on the calling thread (and the threads it starts
+/// later).
+pub fn apply_this_thread(programs: &[BpfProgram]) -> Result<()> {
+    for program in programs {
+        seccompiler::apply_filter(program).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The program named in the SIGSYS report ("<program> jail: ...").
+static REPORT_PROGRAM: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static REPORT_PROGRAM_LEN: AtomicUsize = AtomicUsize::new(0);
+/// A second descriptor for the SIGSYS report, e.g. a log file (-1: stderr only).
 static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Formats `n` in decimal into `buf`, returning the digits.
@@ -323,6 +242,9 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// A syscall number no kernel defines, hence in no allowlist.
+const NO_SUCH_SYSCALL: libc::c_long = 0x3fff;
+
 /// The SIGSYS handler: reports the refused syscall, then makes SIGSYS kill
 /// the process (SA_RESETHAND restored the default action on entry).
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -332,11 +254,20 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers,
     // and for SIGSYS from seccomp that member is the one filled in.
     let nr = unsafe { *(info.cast::<u8>().add(SYSCALL_OFFSET).cast::<libc::c_int>()) };
+    let program = REPORT_PROGRAM.load(Ordering::Relaxed);
+    let program: &[u8] = if program.is_null() {
+        b"flotilla"
+    } else {
+        // SAFETY: set together with its length from a `&'static [u8]` by
+        // `install_reporter`.
+        unsafe { std::slice::from_raw_parts(program, REPORT_PROGRAM_LEN.load(Ordering::Relaxed)) }
+    };
     let mut digits = [0u8; 20];
     let mut line = [0u8; 96];
     let mut len = 0;
     for part in [
-        &b"flotilla jail: seccomp refused syscall "[..],
+        program,
+        &b" jail: seccomp refused syscall "[..],
         decimal(nr as u64, &mut digits),
         &b"; the process dies of SIGSYS\n"[..],
     ] {
@@ -344,7 +275,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         line[len..len + n].copy_from_slice(&part[..n]);
         len += n;
     }
-    // SAFETY: write is async-signal-safe and allowed by the filter; `line`
+    // SAFETY: write is async-signal-safe and allowed by every policy; `line`
     // is valid for `len` bytes; the last call never returns.
     unsafe {
         libc::write(2, line.as_ptr().cast(), len);
@@ -360,13 +291,14 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-/// A syscall number no kernel defines, hence in no allowlist.
-const NO_SUCH_SYSCALL: libc::c_long = 0x3fff;
-
-/// Installs the SIGSYS reporter and the filters on every thread.
-pub fn install(policy: &SeccompPolicy, mode: SeccompMode) -> Result<()> {
-    let programs = build(policy, mode)?;
-    REPORT_FD.store(crate::logger::sink_fd().unwrap_or(-1), Ordering::Relaxed);
+/// Installs the process-wide SIGSYS reporter: "`program` jail: seccomp
+/// refused syscall N; the process dies of SIGSYS" on stderr and, when given,
+/// on `also_fd`; then the process dies of SIGSYS. Install it before any
+/// filter; the policies refuse rt_sigaction on SIGSYS, so it stays.
+pub fn install_reporter(program: &'static str, also_fd: Option<i32>) -> Result<()> {
+    REPORT_PROGRAM_LEN.store(program.len(), Ordering::Relaxed);
+    REPORT_PROGRAM.store(program.as_ptr().cast_mut(), Ordering::Relaxed);
+    REPORT_FD.store(also_fd.unwrap_or(-1), Ordering::Relaxed);
     // SAFETY: a zeroed sigaction is valid; the handler is an extern "C" fn
     // with the SA_SIGINFO signature and only makes async-signal-safe calls.
     unsafe {
@@ -378,11 +310,71 @@ pub fn install(policy: &SeccompPolicy, mode: SeccompMode) -> Result<()> {
             return Err(Error::last("sigaction(SIGSYS)"));
         }
     }
-    for program in &programs {
-        seccompiler::apply_filter_all_threads(program)
-            .map_err(|e| Error::Seccomp(e.to_string()))?;
-    }
     Ok(())
+}
+
+/// The allowlist `entries` as sorted text, one line per entry, for unit
+/// tests that pin a policy ("read", "ioctl arg1 == 0x5421", ...; "syscall
+/// N" where [`name`] does not know the syscall).
+pub fn describe(entries: &[Syscall]) -> Vec<String> {
+    let mut lines: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            let mut line = name(e.nr).map_or_else(|| format!("syscall {}", e.nr), str::to_owned);
+            for (i, c) in e.conds().iter().enumerate() {
+                line.push_str(if i == 0 { " " } else { " && " });
+                line.push_str(&match *c {
+                    Cond::Eq(a, v) => format!("arg{a} == {v:#x}"),
+                    Cond::Ne(a, v) => format!("arg{a} != {v:#x}"),
+                    Cond::MaskedEq(a, m, v) => format!("arg{a} & {m:#x} == {v:#x}"),
+                    Cond::OwnPid(a) => format!("arg{a} == own pid"),
+                });
+            }
+            line
+        })
+        .collect();
+    lines.sort();
+    lines.dedup();
+    lines
+}
+
+macro_rules! names {
+    ($nr:ident; $($(#[$attr:meta])* $sys:ident),* $(,)?) => {{
+        $(
+            $(#[$attr])*
+            if $nr == libc::$sys as i64 {
+                return Some(&stringify!($sys)[4..]);
+            }
+        )*
+    }};
+}
+
+/// The name of syscall `nr` for [`describe`], for the syscalls flotilla's
+/// policies name (None for others).
+pub fn name(nr: i64) -> Option<&'static str> {
+    names!(nr;
+        SYS_accept4, SYS_brk, SYS_clock_gettime, SYS_clock_nanosleep, SYS_clone, SYS_clone3,
+        SYS_close, SYS_dup, SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait, SYS_eventfd2,
+        SYS_exit, SYS_exit_group, SYS_fallocate, SYS_fcntl, SYS_fdatasync, SYS_fstat,
+        SYS_fstatfs, SYS_fsync, SYS_ftruncate, SYS_futex, SYS_getegid, SYS_geteuid,
+        SYS_getgid, SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_gettid, SYS_gettimeofday,
+        SYS_getuid, SYS_io_uring_enter, SYS_io_uring_register, SYS_io_uring_setup, SYS_ioctl,
+        SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mmap, SYS_mprotect, SYS_mremap,
+        SYS_munmap, SYS_nanosleep, SYS_newfstatat, SYS_openat, SYS_openat2, SYS_ppoll,
+        SYS_prctl, SYS_pread64, SYS_preadv, SYS_preadv2, SYS_pwrite64, SYS_pwritev,
+        SYS_pwritev2, SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_restart_syscall,
+        SYS_rseq, SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait,
+        SYS_sched_getaffinity, SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_set_robust_list,
+        SYS_shutdown, SYS_sigaltstack, SYS_socketpair, SYS_statx, SYS_tgkill,
+        SYS_timerfd_create, SYS_timerfd_gettime, SYS_timerfd_settime, SYS_unlinkat, SYS_write,
+        SYS_writev,
+        #[cfg(target_arch = "x86_64")] SYS_creat,
+        #[cfg(target_arch = "x86_64")] SYS_epoll_wait,
+        #[cfg(target_arch = "x86_64")] SYS_open,
+        #[cfg(target_arch = "x86_64")] SYS_poll,
+        #[cfg(target_arch = "x86_64")] SYS_unlink,
+    );
+    None
 }
 
 #[cfg(test)]
@@ -391,55 +383,51 @@ mod tests {
 
     #[test]
     fn unconditional_entries_win_and_conditions_accumulate() {
-        let map = rules(&[
-            Syscall::arg_eq(libc::SYS_ioctl, 1, 1),
-            Syscall::arg_eq(libc::SYS_ioctl, 1, 2),
-            Syscall::arg_eq(libc::SYS_read, 0, 1),
-            Syscall::any(libc::SYS_read),
-        ])
+        let map = rules(
+            &[
+                Syscall::arg_eq(libc::SYS_ioctl, 1, 1),
+                Syscall::arg_eq(libc::SYS_ioctl, 1, 2),
+                Syscall::arg_eq(libc::SYS_read, 0, 1),
+                Syscall::any(libc::SYS_read),
+            ],
+            1,
+        )
         .unwrap();
         assert_eq!(map[&(libc::SYS_ioctl as i64)].len(), 2);
         assert!(map[&(libc::SYS_read as i64)].is_empty());
     }
 
     #[test]
-    fn the_base_allows_no_escape_hatch() {
-        for nr in [
-            libc::SYS_execve,
-            libc::SYS_execveat,
-            libc::SYS_socket,
-            libc::SYS_socketpair,
-            libc::SYS_connect,
-            libc::SYS_bind,
-            libc::SYS_ptrace,
-            libc::SYS_mount,
-            libc::SYS_umount2,
-            libc::SYS_pivot_root,
-            libc::SYS_chroot,
-            libc::SYS_unshare,
-            libc::SYS_setns,
-            libc::SYS_kill,
-            libc::SYS_process_vm_readv,
-            libc::SYS_process_vm_writev,
-            libc::SYS_fork,
-            libc::SYS_vfork,
-            libc::SYS_bpf,
-            libc::SYS_seccomp,
-            libc::SYS_keyctl,
-            libc::SYS_init_module,
-        ] {
-            assert!(
-                !BASE.iter().any(|s| s.nr == nr as i64),
-                "syscall {nr} in the base allowlist"
-            );
+    fn one_program_per_errno_then_the_allowlist() {
+        let fenced = [
+            (libc::SYS_openat, libc::EACCES),
+            (libc::SYS_unlinkat, libc::EACCES),
+            (libc::SYS_clone3, libc::ENOSYS),
+        ];
+        let allow = [Syscall::any(libc::SYS_read)];
+        for action in [SeccompAction::Trap, SeccompAction::Log] {
+            assert_eq!(build(&allow, &fenced, action, 1).unwrap().len(), 3);
         }
     }
 
     #[test]
-    fn filters_compile_for_both_modes() {
-        let policy = SeccompPolicy::new("test", &[Syscall::any(libc::SYS_fsync)]);
-        assert_eq!(build(&policy, SeccompMode::Kill).unwrap().len(), 3);
-        assert_eq!(build(&policy, SeccompMode::Log).unwrap().len(), 3);
+    fn describe_spells_out_every_condition() {
+        const KVM: &[Cond] = &[Cond::MaskedEq(1, 0xff00, 0xae00), Cond::Ne(1, 0xae80)];
+        let text = describe(&[
+            Syscall::all(libc::SYS_ioctl, KVM),
+            Syscall::when(libc::SYS_tgkill, Cond::OwnPid(0)),
+            Syscall::any(libc::SYS_read),
+            Syscall::any(libc::SYS_execve),
+        ]);
+        assert_eq!(
+            text,
+            [
+                "ioctl arg1 & 0xff00 == 0xae00 && arg1 != 0xae80".to_string(),
+                "read".to_string(),
+                format!("syscall {}", libc::SYS_execve),
+                "tgkill arg0 == own pid".to_string(),
+            ]
+        );
     }
 
     #[test]
