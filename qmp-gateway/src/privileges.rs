@@ -18,32 +18,10 @@
 //! Capabilities and no_new_privs are per thread and inherited by new threads, so
 //! [`drop_unneeded`] runs first thing in `main`, before any thread exists.
 
+use flotilla_backend::jail::caps;
+
 /// Capability numbers of linux/capability.h (libc does not carry them).
-pub mod cap {
-    #![allow(missing_docs)]
-    pub const DAC_OVERRIDE: u32 = 1;
-    pub const DAC_READ_SEARCH: u32 = 2;
-    pub const FOWNER: u32 = 3;
-    pub const KILL: u32 = 5;
-    pub const SETGID: u32 = 6;
-    pub const SETUID: u32 = 7;
-    pub const SETPCAP: u32 = 8;
-    pub const LINUX_IMMUTABLE: u32 = 9;
-    pub const NET_ADMIN: u32 = 12;
-    pub const NET_RAW: u32 = 13;
-    pub const SYS_MODULE: u32 = 16;
-    pub const SYS_RAWIO: u32 = 17;
-    pub const SYS_CHROOT: u32 = 18;
-    pub const SYS_PTRACE: u32 = 19;
-    pub const SYS_ADMIN: u32 = 21;
-    pub const SYS_BOOT: u32 = 22;
-    pub const SYS_RESOURCE: u32 = 24;
-    pub const SYS_TIME: u32 = 25;
-    pub const MKNOD: u32 = 27;
-    pub const AUDIT_CONTROL: u32 = 30;
-    pub const MAC_ADMIN: u32 = 33;
-    pub const BPF: u32 = 39;
-}
+pub use caps::cap;
 
 /// Capabilities the gateway keeps, and why.
 pub const KEPT: &[(u32, &str)] = &[
@@ -79,69 +57,14 @@ pub fn kept_mask() -> u64 {
     KEPT.iter().fold(0, |m, &(cap, _)| m | (1u64 << cap))
 }
 
-/// Highest capability number tried (the kernel answers EINVAL past its last one).
-const CAP_MAX: u32 = 63;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_VERSION_3: u32 = 0x2008_0522;
-
 /// Trims the bounding set to [`KEPT`], limits the other sets to it, and sets no_new_privs.
 /// A gateway without CAP_SETPCAP (not root) has nothing to trim and only sets no_new_privs.
 pub fn drop_unneeded() -> std::io::Result<()> {
     let keep = kept_mask();
-    for cap in 0..=CAP_MAX {
-        if keep & (1 << cap) == 0 {
-            // SAFETY: prctl with integer arguments only; EINVAL past the last capability,
-            // EPERM without CAP_SETPCAP: both leave nothing to do.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        }
-    }
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    };
-    let mut header = CapHeader {
-        version: CAP_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: header and data have the layout and count capget(2) expects for version 3.
-    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    for (i, d) in data.iter_mut().enumerate() {
-        let mask = (keep >> (32 * i)) as u32;
-        d.effective &= mask;
-        d.permitted &= mask;
-        d.inheritable &= mask;
-    }
-    // SAFETY: as above; capset only lowers the sets here, which is always permitted.
-    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    caps::drop_bounding_except(keep);
+    caps::clear_ambient();
+    caps::limit_to(keep)?;
+    caps::set_no_new_privs()?;
     Ok(())
 }
 

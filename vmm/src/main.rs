@@ -87,7 +87,7 @@ fn main() -> ExitCode {
     // that none of them inherits it.
     jail::enter_thread(jail::Role::Main);
     #[cfg(feature = "escape-test")]
-    jail::escape::attempt_from_env();
+    flotilla_backend::jail::escape::attempt_from_env(|_, line| eprintln!("{line}"));
     let reason = vm.wait();
     if let Some(sender) = &control {
         sender.event("SHUTDOWN", control::shutdown_event(&reason));

@@ -1,5 +1,5 @@
 //! flotilla-balloon's seccomp policy: the syscalls a balloon needs on top of
-//! the shared backend base (`flotilla_backend::jail::seccomp::BASE`).
+//! the shared backend base (`flotilla_backend::jail::policy::BASE`).
 //!
 //! Inflated pages are punched out of the guest memory file, always with
 //! `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: the filter pins that mode,

@@ -1,5 +1,5 @@
 //! flotilla-blk's seccomp policy: the syscalls a block device needs on top
-//! of the shared backend base (`flotilla_backend::jail::seccomp::BASE`).
+//! of the shared backend base (`flotilla_backend::jail::policy::BASE`).
 //!
 //! Everything here acts on the image fd the process already holds: the
 //! io_uring engine (setup, submit, eventfd registration), flushes and

@@ -1,5 +1,5 @@
 //! flotilla-net's seccomp policy: the syscalls a tap-backed NIC needs on top
-//! of the shared backend base (`flotilla_backend::jail::seccomp::BASE`).
+//! of the shared backend base (`flotilla_backend::jail::policy::BASE`).
 //!
 //! The base already covers the data path: read/readv/writev on the tap and
 //! the eventfds, epoll, poll (`--poll`), recvmsg/sendmsg with SCM_RIGHTS,

@@ -19,12 +19,15 @@
 //! [`arm`] (from `main`) decides whether any of this happens: a library user of the builder
 //! (the unit tests) gets no jail.
 //!
+//! The primitives (seccomp building and installing, the SIGSYS reporter, capabilities,
+//! rlimits, namespaces, the empty root, the test-only escape attempts) are shared with the
+//! backends and the gateway in `flotilla_backend::jail`; this module is the core's order and
+//! its per-thread policy.
+//!
 //! What the core keeps: no pid namespace (it never forks, so unsharing one would change
 //! nothing for it, and QMP reports vCPU thread ids the gateway's namespace must understand);
 //! kill and ptrace are refused by seccomp instead, and `/proc` is out of reach.
 
-#[cfg(feature = "escape-test")]
-pub mod escape;
 pub mod seccomp;
 mod setup;
 
@@ -52,11 +55,13 @@ pub enum JailError {
     Seccomp(String),
 }
 
-impl JailError {
-    fn last(what: &'static str) -> Self {
-        JailError::Sys {
-            what,
-            source: std::io::Error::last_os_error(),
+impl From<flotilla_backend::jail::Error> for JailError {
+    fn from(e: flotilla_backend::jail::Error) -> Self {
+        use flotilla_backend::jail::Error;
+        match e {
+            Error::Threaded(n) => JailError::Threaded(n),
+            Error::Sys { what, source } => JailError::Sys { what, source },
+            Error::Seccomp(s) => JailError::Seccomp(s),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The core's seccomp filters, one allowlist per thread role, kept as data.
 //!
-//! Every thread gets two filters (like the backends', `backends/src/jail/seccomp.rs`):
+//! Every thread gets two filters (like the backends', built and installed by the same code,
+//! `flotilla_backend::jail::seccomp`):
 //!
 //! - the *fence*: path opens fail with EACCES (a library probing a file carries on; the
 //!   core opens nothing after set-up) and clone3 with ENOSYS (its flags sit in memory where
@@ -18,14 +19,16 @@
 // keep this file the same on all of them.
 #![allow(clippy::unnecessary_cast)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+pub use flotilla_backend::jail::seccomp::Cond;
+use flotilla_backend::jail::seccomp::{self as shared, BpfProgram, SeccompAction, Syscall};
 
 use super::JailError;
+
+/// One allowlist entry: a syscall and the conditions (all must hold) on its arguments.
+/// Several entries for one syscall allow it when any of them matches.
+pub type Entry = Syscall;
 
 /// What a thread of the core does, hence which syscalls it may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,41 +50,12 @@ pub enum Role {
     SerialInput,
 }
 
-/// A condition on one syscall argument.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cond {
-    /// Argument `index` equals the value.
-    Eq(u8, u64),
-    /// Argument `index` differs from the value.
-    Ne(u8, u64),
-    /// `argument & mask == value`.
-    MaskedEq(u8, u64, u64),
-    /// Argument `index` is this process's pid.
-    OwnPid(u8),
-}
-
-/// One allowlist entry: a syscall and the conditions (all must hold) on its arguments.
-/// Several entries for one syscall allow it when any of them matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
-    /// The syscall number.
-    pub nr: i64,
-    /// Conditions, all of which must hold; none: any arguments.
-    pub conds: &'static [Cond],
-}
-
 const fn any(nr: libc::c_long) -> Entry {
-    Entry {
-        nr: nr as i64,
-        conds: &[],
-    }
+    Syscall::all(nr, &[])
 }
 
 const fn with(nr: libc::c_long, conds: &'static [Cond]) -> Entry {
-    Entry {
-        nr: nr as i64,
-        conds,
-    }
+    Syscall::all(nr, conds)
 }
 
 /// `_IOC_TYPE` bits of an ioctl request, and KVM's type.
@@ -235,86 +209,14 @@ const FENCED: &[(libc::c_long, i32)] = &[
     (libc::SYS_clone3, libc::ENOSYS),
 ];
 
-fn err(e: impl std::fmt::Display) -> JailError {
-    JailError::Seccomp(e.to_string())
-}
-
-fn arch() -> Result<TargetArch, JailError> {
-    std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(e))
-}
-
-/// seccompiler's rule map for `entries`; `pid` is what [`Cond::OwnPid`] compares with.
-fn rules(entries: &[Entry], pid: u64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, JailError> {
-    let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
-    for e in entries {
-        let slot = map.entry(e.nr).or_insert_with(|| Some(Vec::new()));
-        if e.conds.is_empty() {
-            // An unconditional entry wins over any conditional one.
-            *slot = None;
-            continue;
-        }
-        let conds = e
-            .conds
-            .iter()
-            .map(|c| {
-                let (index, op, value) = match *c {
-                    Cond::Eq(i, v) => (i, SeccompCmpOp::Eq, v),
-                    Cond::Ne(i, v) => (i, SeccompCmpOp::Ne, v),
-                    Cond::MaskedEq(i, mask, v) => (i, SeccompCmpOp::MaskedEq(mask), v),
-                    Cond::OwnPid(i) => (i, SeccompCmpOp::Eq, pid),
-                };
-                SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(err)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(list) = slot.as_mut() {
-            list.push(SeccompRule::new(conds).map_err(err)?);
-        }
-    }
-    // seccompiler reads an empty rule list as "any arguments".
-    Ok(map
-        .into_iter()
-        .map(|(nr, r)| (nr, r.unwrap_or_default()))
-        .collect())
-}
-
-fn compile(filter: SeccompFilter) -> Result<BpfProgram, JailError> {
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(e))
-}
-
 /// The BPF programs of `role`: one fence per errno, then the allowlist.
 pub fn build(role: Role, pid: u64) -> Result<Vec<BpfProgram>, JailError> {
-    let mut programs = Vec::new();
-    let mut errnos: Vec<i32> = FENCED.iter().map(|&(_, e)| e).collect();
-    errnos.sort_unstable();
-    errnos.dedup();
-    for errno in errnos {
-        let fenced = FENCED
-            .iter()
-            .filter(|&&(_, e)| e == errno)
-            .map(|&(nr, _)| (nr as i64, Vec::new()))
-            .collect();
-        let filter = SeccompFilter::new(
-            fenced,
-            SeccompAction::Allow,
-            SeccompAction::Errno(errno as u32),
-            arch()?,
-        )
-        .map_err(err)?;
-        programs.push(compile(filter)?);
-    }
-    let allow = SeccompFilter::new(
-        rules(&role.allowlist(), pid)?,
+    Ok(shared::build(
+        &role.allowlist(),
+        FENCED,
         SeccompAction::Trap,
-        SeccompAction::Allow,
-        arch()?,
-    )
-    .map_err(err)?;
-    programs.push(compile(allow)?);
-    Ok(programs)
+        pid,
+    )?)
 }
 
 /// The compiled filters of every role, built once when the core is jailed.
@@ -323,8 +225,7 @@ pub struct Programs(HashMap<Role, Vec<BpfProgram>>);
 impl Programs {
     /// Compiles every role's filters for this process.
     pub fn build() -> Result<Self, JailError> {
-        // SAFETY: getpid cannot fail.
-        let pid = unsafe { libc::getpid() } as u64;
+        let pid = shared::own_pid();
         Role::ALL
             .iter()
             .map(|&r| Ok((r, build(r, pid)?)))
@@ -334,73 +235,16 @@ impl Programs {
 
     /// Installs `role`'s filters on the calling thread.
     pub fn apply(&self, role: Role) -> Result<(), JailError> {
-        for program in self.0.get(&role).into_iter().flatten() {
-            seccompiler::apply_filter(program).map_err(err)?;
-        }
-        Ok(())
+        Ok(shared::apply_this_thread(
+            self.0.get(&role).map_or(&[], Vec::as_slice),
+        )?)
     }
 }
 
-/// Formats `n` in decimal into `buf`, returning the digits.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 || i == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
-/// A syscall number no kernel defines, hence in no allowlist.
-const NO_SUCH_SYSCALL: libc::c_long = 0x3fff;
-
-/// The SIGSYS handler: reports the refused syscall on stderr, then makes SIGSYS kill the
-/// process (SA_RESETHAND restored the default action on entry; the trap of a syscall no
-/// filter allows raises it again).
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // `si_syscall` of the SIGSYS member of siginfo_t's union: after three ints and padding
-    // (16 bytes) and `si_call_addr` (a pointer).
-    const SYSCALL_OFFSET: usize = 16 + std::mem::size_of::<usize>();
-    // SAFETY: the kernel passes a valid siginfo_t to SA_SIGINFO handlers; for a seccomp
-    // SIGSYS the SIGSYS member is the one filled in.
-    let nr = unsafe { *(info.cast::<u8>().add(SYSCALL_OFFSET).cast::<libc::c_int>()) };
-    let mut digits = [0u8; 20];
-    let mut line = [0u8; 96];
-    let mut len = 0;
-    for part in [
-        &b"flotilla-vmm jail: seccomp refused syscall "[..],
-        decimal(nr as u64, &mut digits),
-        &b"; the process dies of SIGSYS\n"[..],
-    ] {
-        let n = part.len().min(line.len() - len);
-        line[len..len + n].copy_from_slice(&part[..n]);
-        len += n;
-    }
-    // SAFETY: write is async-signal-safe and allowed on every thread; `line` is valid for
-    // `len` bytes; the refused syscall never returns.
-    unsafe {
-        libc::write(2, line.as_ptr().cast(), len);
-        libc::syscall(NO_SUCH_SYSCALL);
-    }
-}
-
-/// Installs the SIGSYS reporter (process-wide, before any filter).
+/// Installs the SIGSYS reporter (process-wide, before any filter): "flotilla-vmm jail:
+/// seccomp refused syscall N" on stderr, then the process dies of SIGSYS.
 pub fn install_reporter() -> Result<(), JailError> {
-    // SAFETY: a zeroed sigaction is valid; the handler has the SA_SIGINFO signature and makes
-    // only async-signal-safe calls.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_sigsys as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
-            return Err(JailError::last("sigaction(SIGSYS)"));
-        }
-    }
-    Ok(())
+    Ok(shared::install_reporter("flotilla-vmm", None)?)
 }
 
 #[cfg(test)]
@@ -450,7 +294,7 @@ mod tests {
         let has = |role: Role, nr: libc::c_long, cond: Cond| {
             role.allowlist()
                 .iter()
-                .any(|e| e.nr == nr as i64 && e.conds.contains(&cond))
+                .any(|e| e.nr == nr as i64 && e.conds().contains(&cond))
         };
         for role in Role::ALL {
             assert_eq!(
@@ -469,6 +313,123 @@ mod tests {
                 role == Role::Main
             );
         }
+    }
+
+    /// Every role's allowlist, entry by entry: a change to a list must change this test too,
+    /// so a refactor cannot widen a thread's allowlist unnoticed.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_roles_allowlist_is_pinned() {
+        let common = "\
+            brk
+            clock_gettime
+            clock_nanosleep
+            clone3
+            close
+            creat
+            eventfd2
+            exit
+            exit_group
+            fcntl
+            fstat
+            futex
+            getegid
+            geteuid
+            getgid
+            getpid
+            getrandom
+            getsockopt
+            gettid
+            gettimeofday
+            getuid
+            ioctl arg1 & 0xff00 == 0xae00 && arg1 != 0xae80
+            ioctl arg1 == 0x5401
+            ioctl arg1 == 0x5421
+            ioctl arg1 == 0x5451
+            lseek
+            madvise
+            mmap
+            mprotect
+            mremap
+            munmap
+            nanosleep
+            newfstatat
+            open
+            openat
+            openat2
+            poll
+            ppoll
+            prctl arg0 == 0x10
+            prctl arg0 == 0xf
+            read
+            readv
+            recvfrom
+            recvmsg
+            restart_syscall
+            rseq
+            rt_sigaction arg0 != 0x1f
+            rt_sigprocmask
+            rt_sigreturn
+            sched_getaffinity
+            sched_yield
+            sendmsg
+            sendto
+            set_robust_list
+            shutdown
+            sigaltstack
+            statx
+            tgkill arg0 == own pid
+            write
+            writev
+";
+        let common: Vec<&str> = common.lines().map(str::trim).collect();
+        assert_eq!(shared::describe(COMMON), common);
+        let extra: [(Role, &[&str]); 6] = [
+            (
+                Role::Main,
+                &[
+                    "ioctl arg1 == 0x5402",
+                    "ioctl arg1 == 0x5403",
+                    "ioctl arg1 == 0x5404",
+                ],
+            ),
+            (Role::Vcpu, &["ioctl arg1 == 0xae80"]),
+            (
+                Role::Control,
+                &[
+                    "clone arg0 & 0x10000 == 0x10000",
+                    "pread64",
+                    "preadv",
+                    "socketpair arg0 == 0x1",
+                ],
+            ),
+            (Role::BackendRequest, &[]),
+            (Role::Events, &[]),
+            (Role::SerialInput, &[]),
+        ];
+        for (role, pinned) in extra {
+            assert_eq!(shared::describe(role.extra()), pinned, "{role:?}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_fenced_calls_are_pinned() {
+        let fenced: Vec<(&str, i32)> = FENCED
+            .iter()
+            .map(|&(nr, errno)| (shared::name(nr as i64).unwrap(), errno))
+            .collect();
+        let (eacces, enosys) = (libc::EACCES, libc::ENOSYS);
+        assert_eq!(
+            fenced,
+            [
+                ("open", eacces),
+                ("creat", eacces),
+                ("openat", eacces),
+                ("openat2", eacces),
+                ("clone3", enosys),
+            ]
+        );
     }
 
     #[test]
