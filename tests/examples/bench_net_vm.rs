@@ -95,8 +95,8 @@ struct Sample {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match bench(&args) {
+    let args: Vec<String> = std::env::args().collect();
+    match bench(args.get(1..).unwrap_or_default()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench_net_vm: {e}");
