@@ -39,6 +39,8 @@ pub mod logger;
 mod relay;
 #[cfg(feature = "daemon")]
 pub mod sandbox;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 /// Re-exported for [`warn_limited!`], so callers need no `log` dependency of their own.
 pub use log;

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{spin_kernel, temp_dir, wait_for, Client};
+use flotilla_backend::test_support::proc::{ns, status_field, NO_CAPS};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
@@ -28,16 +29,6 @@ fn spawn(sock: &Path, extra: &[&str]) -> Child {
         .expect("spawn flotilla");
     wait_for("the QMP socket", || sock.exists());
     child
-}
-
-fn status_field(path: &str, name: &str) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or("")
-        .trim()
-        .to_string()
 }
 
 /// The core: the gateway's child running flotilla-vmm.
@@ -77,12 +68,6 @@ fn threads_with_seccomp(pid: u32, want: &str) -> Vec<String> {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn ns(pid: &str, which: &str) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/{which}"))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 fn quit(sock: &Path, mut child: Child) {
@@ -128,8 +113,8 @@ fn the_gateway_keeps_only_what_it_needs_and_the_core_is_jailed() {
     let core = core_of(gateway);
     for t in threads_with_seccomp(core, "2") {
         assert_eq!(status_field(&t, "NoNewPrivs"), "1", "{t}");
-        assert_eq!(status_field(&t, "CapEff"), "0000000000000000", "{t}");
-        assert_eq!(status_field(&t, "CapBnd"), "0000000000000000", "{t}");
+        assert_eq!(status_field(&t, "CapEff"), NO_CAPS, "{t}");
+        assert_eq!(status_field(&t, "CapBnd"), NO_CAPS, "{t}");
     }
     assert_ne!(ns("self", "net"), ns(&core.to_string(), "net"));
     assert_ne!(ns("self", "mnt"), ns(&core.to_string(), "mnt"));
@@ -156,7 +141,7 @@ fn disable_seccomp_turns_off_the_cores_filters_and_nothing_else() {
     let core = core_of(child.id());
     for t in threads_with_seccomp(core, "0") {
         assert_eq!(status_field(&t, "NoNewPrivs"), "1", "{t}");
-        assert_eq!(status_field(&t, "CapEff"), "0000000000000000", "{t}");
+        assert_eq!(status_field(&t, "CapEff"), NO_CAPS, "{t}");
     }
     assert_ne!(ns("self", "net"), ns(&core.to_string(), "net"));
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{core}/root"))

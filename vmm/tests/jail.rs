@@ -4,12 +4,11 @@
 //! leave the jail as `FLOTILLA_ESCAPE_TEST` says. Works on any /dev/kvm (PVM included): the
 //! guest runs two instructions in a loop.
 
-use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Exit status of an attempt that failed with an errno (`vmm::jail::escape`).
-const DENIED: i32 = 42;
+use flotilla_backend::test_support::proc::{self, status_field, NO_CAPS};
+use flotilla_backend::test_support::{assert_errno, assert_sigsys, fatal_attempts, stderr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla-vmm");
 
@@ -55,39 +54,9 @@ fn attempt(attempt: &str, args: &[&str]) -> Output {
     out
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_sigsys(what: &str, out: &Output, nr: libc::c_long) {
-    let err = stderr(out);
-    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{what}: {err}");
-    assert!(
-        err.contains(&format!("seccomp refused syscall {nr};")),
-        "{what}: no report of syscall {nr}: {err}"
-    );
-}
-
-fn assert_errno(what: &str, out: &Output, errno: i32) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(DENIED), "{what}: {err}");
-    let msg = std::io::Error::from_raw_os_error(errno).to_string();
-    assert!(
-        err.contains(&format!("escape-test: {what} denied: {msg}")),
-        "{what}: expected {msg}: {err}"
-    );
-}
-
 #[test]
 fn seccomp_kills_the_core_on_exec_socket_ptrace_kill_and_mount() {
-    let pid = std::process::id();
-    for (what, nr) in [
-        ("exec".to_string(), libc::SYS_execve),
-        ("socket".to_string(), libc::SYS_socket),
-        (format!("ptrace:{pid}"), libc::SYS_ptrace),
-        (format!("kill:{pid}"), libc::SYS_kill),
-        ("mount".to_string(), libc::SYS_mount),
-    ] {
+    for (what, nr) in fatal_attempts() {
         assert_sigsys(&what, &attempt(&what, &[]), nr);
     }
 }
@@ -115,22 +84,6 @@ fn with_seccomp_disabled_the_rest_of_the_jail_still_holds() {
     assert_errno(&what, &attempt(&what, &off), libc::EPERM);
     let what = format!("ptrace:{pid}");
     assert_errno(&what, &attempt(&what, &off), libc::EPERM);
-}
-
-fn status_field(path: &str, name: &str) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
-fn ns(pid: &str, which: &str) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/{which}"))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 #[test]
@@ -172,9 +125,9 @@ fn the_jailed_core_seen_from_the_host() {
     for t in &threads {
         let status = format!("{tasks}/{t}/status");
         for (field, want) in [
-            ("CapEff", "0000000000000000"),
-            ("CapPrm", "0000000000000000"),
-            ("CapBnd", "0000000000000000"),
+            ("CapEff", NO_CAPS),
+            ("CapPrm", NO_CAPS),
+            ("CapBnd", NO_CAPS),
             ("NoNewPrivs", "1"),
             ("Seccomp", "2"),
         ] {
@@ -188,12 +141,9 @@ fn the_jailed_core_seen_from_the_host() {
     }
     let pid_s = pid.to_string();
     for which in ["net", "mnt", "ipc", "uts"] {
-        assert_ne!(ns("self", which), ns(&pid_s, which), "{which}");
+        assert_ne!(proc::ns("self", which), proc::ns(&pid_s, which), "{which}");
     }
-    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
-        .unwrap()
-        .collect();
-    assert!(root.is_empty(), "the core's root is not empty: {root:?}");
+    assert!(proc::root_is_empty(pid), "the core's root is not empty");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(
         limits

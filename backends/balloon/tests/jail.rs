@@ -8,15 +8,12 @@ mod common;
 
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output, Stdio};
 
 use common::BIN;
-
-/// Exit status of an attempt that failed with an errno.
-const DENIED: i32 = 42;
-/// Exit status of an attempt that went through.
-const ESCAPED: i32 = 43;
+use flotilla_backend::test_support::{
+    assert_errno, assert_keeper_sigsys as assert_sigsys, fatal_attempts, stderr, ESCAPED,
+};
 
 /// Runs flotilla-balloon on an inherited socketpair (`--fd`), so that it
 /// enters the jail at once and makes `attempt` there.
@@ -41,40 +38,9 @@ fn attempt(attempt: &str, args: &[&str]) -> Output {
     out
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_sigsys(what: &str, out: &Output, nr: libc::c_long) {
-    let err = stderr(out);
-    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{what}: {err}");
-    assert!(
-        err.contains(&format!("seccomp refused syscall {nr};")),
-        "{what}: no report of syscall {nr}: {err}"
-    );
-    assert!(err.contains("killed by SIGSYS"), "{what}: {err}");
-}
-
-fn assert_errno(what: &str, out: &Output, errno: i32) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(DENIED), "{what}: {err}");
-    let msg = std::io::Error::from_raw_os_error(errno).to_string();
-    assert!(
-        err.contains(&format!("escape-test: {what} denied: {msg}")),
-        "{what}: expected {msg}: {err}"
-    );
-}
-
 #[test]
 fn seccomp_kill_refuses_exec_socket_ptrace_kill_and_mount_with_sigsys() {
-    let pid = std::process::id();
-    for (what, nr) in [
-        ("exec".to_string(), libc::SYS_execve),
-        ("socket".to_string(), libc::SYS_socket),
-        (format!("ptrace:{pid}"), libc::SYS_ptrace),
-        (format!("kill:{pid}"), libc::SYS_kill),
-        ("mount".to_string(), libc::SYS_mount),
-    ] {
+    for (what, nr) in fatal_attempts() {
         assert_sigsys(&what, &attempt(&what, &[]), nr);
     }
 }

@@ -10,15 +10,14 @@ mod common;
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{random_image, Backend, TempDir, BIN};
-
-/// The exit status of an attempt that failed with an errno (see
-/// `flotilla_backend::jail::escape`).
-const DENIED: i32 = 42;
+use flotilla_backend::test_support::proc::{self, NO_CAPS};
+use flotilla_backend::test_support::{
+    assert_errno, assert_keeper_sigsys as assert_sigsys, fatal_attempts, stderr, DENIED, ESCAPED,
+};
 
 /// Runs flotilla-blk with `FLOTILLA_ESCAPE_TEST=attempt` and `args`, and
 /// connects to it; the attempt happens right after the jail is entered,
@@ -47,47 +46,13 @@ fn attempt(attempt: &str, args: &[&str]) -> Output {
     out
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts that the attempt died of SIGSYS on syscall `nr`, reported by the
-/// jail's SIGSYS handler and by the keeper.
-fn assert_sigsys(what: &str, out: &Output, nr: libc::c_long) {
-    let err = stderr(out);
-    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{what}: {err}");
-    assert!(
-        err.contains(&format!("seccomp refused syscall {nr};")),
-        "{what}: no report of syscall {nr}: {err}"
-    );
-    assert!(err.contains("killed by SIGSYS"), "{what}: {err}");
-}
-
-/// Asserts that the attempt failed with `errno` and said so in the log.
-fn assert_errno(what: &str, out: &Output, errno: i32) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(DENIED), "{what}: {err}");
-    let msg = std::io::Error::from_raw_os_error(errno).to_string();
-    assert!(
-        err.contains(&format!("escape-test: {what} denied: {msg}")),
-        "{what}: expected {msg}: {err}"
-    );
-}
-
 fn me() -> String {
     std::process::id().to_string()
 }
 
 #[test]
 fn seccomp_kill_refuses_exec_socket_ptrace_kill_and_mount_with_sigsys() {
-    let pid = me();
-    for (what, nr) in [
-        ("exec".to_string(), libc::SYS_execve),
-        ("socket".to_string(), libc::SYS_socket),
-        (format!("ptrace:{pid}"), libc::SYS_ptrace),
-        (format!("kill:{pid}"), libc::SYS_kill),
-        ("mount".to_string(), libc::SYS_mount),
-    ] {
+    for (what, nr) in fatal_attempts() {
         assert_sigsys(&what, &attempt(&what, &[]), nr);
     }
 }
@@ -139,29 +104,7 @@ fn seccomp_log_mode_logs_and_lets_through_but_still_fences_opens() {
     assert_errno("open", &attempt("open", &log), libc::EACCES);
     // kill(0, 0) (the backend's own process group) is let through, logged.
     let out = attempt("kill:0", &log);
-    assert_eq!(out.status.code(), Some(43), "{}", stderr(&out));
-}
-
-/// A field of /proc/<pid>/status.
-fn status_field(pid: u32, task: Option<u32>, name: &str) -> String {
-    let path = match task {
-        Some(t) => format!("/proc/{pid}/task/{t}/status"),
-        None => format!("/proc/{pid}/status"),
-    };
-    let status = std::fs::read_to_string(&path).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("{name} missing in {path}"))
-        .trim()
-        .to_string()
-}
-
-fn ns(pid: &str, which: &str) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/{which}"))
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
+    assert_eq!(out.status.code(), Some(ESCAPED), "{}", stderr(&out));
 }
 
 #[test]
@@ -182,50 +125,45 @@ fn the_jailed_backend_seen_from_the_host() {
     assert_ne!(jailed, keeper, "the jail forks into a pid namespace");
     // Give the backend a moment to enter the jail.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while status_field(jailed, None, "Seccomp") != "2" {
+    while proc::status(jailed, "Seccomp") != "2" {
         assert!(std::time::Instant::now() < deadline, "never jailed");
         std::thread::sleep(Duration::from_millis(10));
     }
 
     for which in ["pid_for_children", "net", "mnt", "ipc", "uts"] {
-        assert_ne!(ns("self", which), ns(&jailed.to_string(), which), "{which}");
+        assert_ne!(
+            proc::ns("self", which),
+            proc::ns(&jailed.to_string(), which),
+            "{which}"
+        );
     }
     assert_eq!(
-        ns("self", "mnt"),
-        ns(&keeper.to_string(), "mnt"),
+        proc::ns("self", "mnt"),
+        proc::ns(&keeper.to_string(), "mnt"),
         "keeper on the host"
     );
-    let root: Vec<_> = std::fs::read_dir(format!("/proc/{jailed}/root"))
-        .unwrap()
-        .collect();
-    assert!(root.is_empty(), "jail root not empty: {root:?}");
+    assert!(proc::root_is_empty(jailed), "jail root not empty");
 
-    let tasks: Vec<u32> = std::fs::read_dir(format!("/proc/{jailed}/task"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let tasks = proc::task_ids(jailed);
     assert!(tasks.len() >= 3, "worker threads exist: {tasks:?}");
     for t in tasks {
+        let status = format!("/proc/{jailed}/task/{t}/status");
         for (field, want) in [
-            ("CapEff", "0000000000000000"),
-            ("CapPrm", "0000000000000000"),
-            ("CapInh", "0000000000000000"),
+            ("CapEff", NO_CAPS),
+            ("CapPrm", NO_CAPS),
+            ("CapInh", NO_CAPS),
             ("NoNewPrivs", "1"),
             ("Seccomp", "2"),
         ] {
-            assert_eq!(
-                status_field(jailed, Some(t), field),
-                want,
-                "task {t} {field}"
-            );
+            assert_eq!(proc::status_field(&status, field), want, "task {t} {field}");
         }
-        let uid = status_field(jailed, Some(t), "Uid");
+        let uid = proc::status_field(&status, "Uid");
         assert!(
             uid.split_whitespace().all(|u| u == "65534"),
             "task {t}: uid {uid}"
         );
     }
-    assert_eq!(status_field(jailed, None, "CapBnd"), "0000000000000000");
+    assert_eq!(proc::status(jailed, "CapBnd"), NO_CAPS);
 
     let limits = std::fs::read_to_string(format!("/proc/{jailed}/limits")).unwrap();
     let limit = |name: &str| {
@@ -246,15 +184,8 @@ fn the_jailed_backend_seen_from_the_host() {
 
     // The leaked pipe end is closed: its writer sees no reader left once the
     // keeper (which closes everything) and the jailed child both let go.
-    let fds: HashSet<String> = std::fs::read_dir(format!("/proc/{jailed}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect();
-    let pipe = std::fs::read_link(format!("/proc/self/fd/{}", leak_w.as_raw_fd()))
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let fds: HashSet<String> = proc::fds_of(jailed).into_iter().map(|(_, l)| l).collect();
+    let pipe = proc::link(&format!("/proc/self/fd/{}", leak_w.as_raw_fd()));
     assert!(!fds.contains(&pipe), "leaked {pipe} still open: {fds:?}");
     drop(backend);
 }

@@ -45,16 +45,6 @@ impl EventSink for Events {
     }
 }
 
-fn status_field(pid: u32, name: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn a_backend_killed_by_seccomp_is_restarted_by_the_supervisor() {
     let dir = common::TempDir::new("supervised");
@@ -106,7 +96,9 @@ fn a_backend_killed_by_seccomp_is_restarted_by_the_supervisor() {
         let info = sup.list()[0].clone();
         if let (BackendPhase::Running, Some(pid)) = (info.phase, info.pid) {
             let jailed = common::jailed_pid(pid);
-            if info.restarts >= 1 && status_field(jailed, "Seccomp") == "2" {
+            if info.restarts >= 1
+                && flotilla_backend::test_support::proc::status(jailed, "Seccomp") == "2"
+            {
                 // Still there a moment later: not another incarnation about to die.
                 std::thread::sleep(Duration::from_millis(300));
                 if sup.list()[0].pid == Some(pid) {

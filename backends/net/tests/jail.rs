@@ -10,16 +10,15 @@ mod common;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin, Netns};
-
-/// Exit status of an attempt that failed with an errno.
-const DENIED: i32 = 42;
-/// Exit status of an attempt that went through.
-const ESCAPED: i32 = 43;
+use flotilla_backend::test_support::proc::{self, link, NO_CAPS};
+use flotilla_backend::test_support::{
+    assert_errno, assert_keeper_sigsys as assert_sigsys, fatal_attempts, stderr, ESCAPED,
+};
 
 /// Starts flotilla-net as the gateway does (`--fd 3 --tap-fd 4`), with a
 /// stray descriptor 5 leaked to it, and `FLOTILLA_ESCAPE_TEST=attempt` if
@@ -62,12 +61,6 @@ fn spawn(tap: &OwnedFd, attempt: Option<&str>, args: &[&str]) -> (Child, UnixStr
     (child, ours, stray_link)
 }
 
-fn link(path: &str) -> String {
-    std::fs::read_link(path)
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
 fn attempt(tap: &OwnedFd, what: &str, args: &[&str]) -> Output {
     let (child, ours, _) = spawn(tap, Some(what), args);
     let out = child.wait_with_output().expect("wait for flotilla-net");
@@ -75,46 +68,15 @@ fn attempt(tap: &OwnedFd, what: &str, args: &[&str]) -> Output {
     out
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_sigsys(what: &str, out: &Output, nr: libc::c_long) {
-    let err = stderr(out);
-    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{what}: {err}");
-    assert!(
-        err.contains(&format!("seccomp refused syscall {nr};")),
-        "{what}: no report of syscall {nr}: {err}"
-    );
-    assert!(err.contains("killed by SIGSYS"), "{what}: {err}");
-}
-
-fn assert_errno(what: &str, out: &Output, errno: i32) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(DENIED), "{what}: {err}");
-    let msg = io::Error::from_raw_os_error(errno).to_string();
-    assert!(
-        err.contains(&format!("escape-test: {what} denied: {msg}")),
-        "{what}: expected {msg}: {err}"
-    );
-}
-
 #[test]
 fn seccomp_kill_refuses_exec_socket_ptrace_kill_and_mount_with_sigsys() {
     let ns = Netns::new();
     let tap = ns.tap("fnj0");
-    let pid = std::process::id();
-    for (what, nr) in [
-        ("exec".to_string(), libc::SYS_execve),
-        ("socket".to_string(), libc::SYS_socket),
-        (format!("ptrace:{pid}"), libc::SYS_ptrace),
-        (format!("kill:{pid}"), libc::SYS_kill),
-        ("mount".to_string(), libc::SYS_mount),
-    ] {
+    for (what, nr) in fatal_attempts() {
         assert_sigsys(&what, &attempt(&tap, &what, &[]), nr);
     }
     assert_errno("open", &attempt(&tap, "open", &[]), libc::EACCES);
-    let what = format!("proc-mem:{pid}");
+    let what = format!("proc-mem:{}", std::process::id());
     assert_errno(&what, &attempt(&tap, &what, &[]), libc::EACCES);
 }
 
@@ -153,30 +115,6 @@ fn namespaces_alone_keep_the_backend_off_the_host_network() {
     assert_errno(&what, &attempt(&tap, &what, &none), libc::ESRCH);
 }
 
-/// The descriptors the process `pid` holds: (number, what it is).
-fn fds_of(pid: u32) -> Vec<(i32, String)> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| {
-                let e = e.ok()?;
-                let fd = e.file_name().to_str()?.parse().ok()?;
-                Some((fd, link(e.path().to_str()?)))
-            })
-            .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn status_field(path: &str, name: &str) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn the_jailed_backend_keeps_its_tap_and_loses_stray_fds() {
     let ns = Netns::new();
@@ -185,18 +123,15 @@ fn the_jailed_backend_keeps_its_tap_and_loses_stray_fds() {
     let keeper = child.id();
     let deadline = Instant::now() + Duration::from_secs(10);
     let jailed = loop {
-        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children"))
-            .unwrap_or_default();
-        if let Some(pid) = children.split_whitespace().next() {
-            let pid: u32 = pid.parse().unwrap();
-            if status_field(&format!("/proc/{pid}/status"), "Seccomp") == "2" {
+        if let Some(&pid) = proc::children(keeper).first() {
+            if proc::status(pid, "Seccomp") == "2" {
                 break pid;
             }
         }
         assert!(Instant::now() < deadline, "never jailed");
         std::thread::sleep(Duration::from_millis(10));
     };
-    let fds = fds_of(jailed);
+    let fds = proc::fds_of(jailed);
     let has = |fd: i32, what: &str| fds.iter().any(|(n, l)| *n == fd && l.contains(what));
     assert!(has(4, "tun"), "the tap fd is kept: {fds:?}");
     assert!(has(3, "socket:"), "the vhost-user socket is kept: {fds:?}");
@@ -204,12 +139,11 @@ fn the_jailed_backend_keeps_its_tap_and_loses_stray_fds() {
         !fds.iter().any(|(_, l)| *l == stray),
         "the stray fd ({stray}) is closed: {fds:?}"
     );
-    for task in std::fs::read_dir(format!("/proc/{jailed}/task")).unwrap() {
-        let path = task.unwrap().path().join("status");
-        let path = path.to_str().unwrap();
-        assert_eq!(status_field(path, "Seccomp"), "2", "{path}");
-        assert_eq!(status_field(path, "NoNewPrivs"), "1", "{path}");
-        assert_eq!(status_field(path, "CapEff"), "0000000000000000", "{path}");
+    for task in proc::task_ids(jailed) {
+        let path = &format!("/proc/{jailed}/task/{task}/status");
+        assert_eq!(proc::status_field(path, "Seccomp"), "2", "{path}");
+        assert_eq!(proc::status_field(path, "NoNewPrivs"), "1", "{path}");
+        assert_eq!(proc::status_field(path, "CapEff"), NO_CAPS, "{path}");
     }
     let _ = child.kill();
     let _ = child.wait();
