@@ -131,3 +131,48 @@ pub mod proc {
             .unwrap_or(false)
     }
 }
+
+/// A fresh directory under the temporary directory, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// Makes `flotilla-<tag>.XXXXXX`.
+    pub fn new(tag: &str) -> Self {
+        let template = std::env::temp_dir().join(format!("flotilla-{tag}.XXXXXX"));
+        TempDir(nix::unistd::mkdtemp(&template).expect("mkdtemp"))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (at most 20 s) until `path` exists, e.g. a backend's socket.
+pub fn wait_for(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Waits at most `timeout` for `child` to exit by itself; its exit code
+/// (None: still running, or ended by a signal).
+pub fn wait_exit(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -7,10 +7,12 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
+
+pub use flotilla_backend::test_support::{wait_for, TempDir};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -45,22 +47,6 @@ pub const VERSION_1: u64 = 1 << 32;
 pub const PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const STATS_VQ: u64 = 1 << 1;
 pub const DEFLATE_ON_OOM: u64 = 1 << 2;
-
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let template = std::env::temp_dir().join(format!("flotilla-balloon-{tag}.XXXXXX"));
-        TempDir(nix::unistd::mkdtemp(&template).expect("mkdtemp"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running flotilla-balloon listening on a socket in `dir`, logging at
 /// debug level to `dir/<name>.log`.
@@ -116,35 +102,13 @@ impl Backend {
 
     /// Waits for the child to exit by itself and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        flotilla_backend::test_support::wait_exit(&mut self.child, timeout)
     }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Waits until `path` exists (the backend is listening).
-pub fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -3,25 +3,11 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let template = std::env::temp_dir().join(format!("flotilla-blk-{tag}.XXXXXX"));
-        TempDir(nix::unistd::mkdtemp(&template).expect("mkdtemp"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use flotilla_backend::test_support::{wait_for, TempDir};
 
 /// A running flotilla-blk serving an image in its own temporary directory.
 pub struct Backend {
@@ -67,16 +53,7 @@ impl Backend {
     /// Waits for the child to exit by itself (it does when the frontend
     /// disconnects) and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        flotilla_backend::test_support::wait_exit(&mut self.child, timeout)
     }
 }
 
@@ -89,19 +66,6 @@ impl Drop for Backend {
             );
         }
         let _ = self.child.wait();
-    }
-}
-
-/// Waits until `path` exists (the backend is listening).
-pub fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

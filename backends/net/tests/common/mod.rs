@@ -411,16 +411,7 @@ impl Backend {
 
     /// Waits for the child to exit by itself; its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        flotilla_backend::test_support::wait_exit(&mut self.child, timeout)
     }
 }
 
