@@ -176,3 +176,24 @@ pub fn wait_exit(child: &mut std::process::Child, timeout: std::time::Duration) 
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// Guest memory of `size` bytes at guest address 0, backed by a memfd named
+/// `name` (as the core's is), mapped here; the file is what a test frontend
+/// hands the backend in SET_MEM_TABLE.
+pub fn memfd_guest_memory(
+    name: &std::ffi::CStr,
+    size: usize,
+) -> (vm_memory::GuestMemoryMmap<()>, std::fs::File) {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+    let memfd = memfd_create(name, MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
+    let file = std::fs::File::from(memfd);
+    file.set_len(size as u64).expect("ftruncate");
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0),
+        size,
+        Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
+    )])
+    .expect("map guest memory");
+    (mem, file)
+}

@@ -27,7 +27,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 16 << 20;
@@ -110,19 +110,8 @@ struct Guest {
 
 impl Guest {
     fn new() -> Guest {
-        let memfd = nix::sys::memfd::memfd_create(
-            c"flotilla-test-guest",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .expect("memfd");
-        let file = File::from(memfd);
-        file.set_len(MEM_SIZE as u64).expect("ftruncate");
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
-        )])
-        .expect("map guest memory");
+        let (mem, file) =
+            flotilla_backend::test_support::memfd_guest_memory(c"flotilla-test-guest", MEM_SIZE);
         let host = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
         Guest { mem, file, host }
     }

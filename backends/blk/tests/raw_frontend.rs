@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -18,7 +17,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 4 << 20;
@@ -94,19 +93,8 @@ impl Driver {
     }
 
     fn setup(mut fe: Frontend, extra_features: u64) -> Driver {
-        let memfd = nix::sys::memfd::memfd_create(
-            c"flotilla-test-guest",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .expect("memfd");
-        let file = File::from(memfd);
-        file.set_len(MEM_SIZE as u64).expect("ftruncate");
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
-        )])
-        .expect("map guest memory");
+        let (mem, file) =
+            flotilla_backend::test_support::memfd_guest_memory(c"flotilla-test-guest", MEM_SIZE);
         let host = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
 
         fe.set_owner().expect("SET_OWNER");

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The flotilla-net binary: cargo names it for tests; an example (the
@@ -539,19 +539,8 @@ impl Driver {
     /// Connects over `stream` and negotiates `features` (virtio bits; VERSION_1
     /// and PROTOCOL_FEATURES are added).
     pub fn new(stream: UnixStream, features: u64) -> Driver {
-        let memfd = nix::sys::memfd::memfd_create(
-            c"flotilla-net-guest",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .expect("memfd");
-        let file = File::from(memfd);
-        file.set_len(MEM_SIZE as u64).expect("ftruncate");
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
-        )])
-        .expect("map guest memory");
+        let (mem, file) =
+            flotilla_backend::test_support::memfd_guest_memory(c"flotilla-net-guest", MEM_SIZE);
         let mut d = Driver {
             fe: Frontend::from_stream(stream, 2),
             mem,
