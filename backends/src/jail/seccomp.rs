@@ -313,6 +313,48 @@ pub fn install_reporter(program: &'static str, also_fd: Option<i32>) -> Result<(
     Ok(())
 }
 
+/// Syscalls no flotilla policy may allow, on any thread: exec, fork, new
+/// sockets and listening, tracing and signalling other processes, mounts
+/// and namespaces, other processes' memory, BPF, seccomp itself, keys,
+/// modules. Each process's tests check its lists against these (and against
+/// its own extras).
+pub const ESCAPE_HATCHES: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_ptrace,
+    libc::SYS_kill,
+    libc::SYS_tkill,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_bpf,
+    libc::SYS_seccomp,
+    libc::SYS_keyctl,
+    libc::SYS_init_module,
+];
+
+/// A fenced list as (name, errno) pairs, in order, for tests that pin it.
+pub fn describe_fenced(fenced: &[(libc::c_long, i32)]) -> Vec<(String, i32)> {
+    fenced
+        .iter()
+        .map(|&(nr, errno)| {
+            let name = name(nr as i64).map_or_else(|| format!("syscall {nr}"), str::to_owned);
+            (name, errno)
+        })
+        .collect()
+}
+
 /// The allowlist `entries` as sorted text, one line per entry, for unit
 /// tests that pin a policy ("read", "ioctl arg1 == 0x5421", ...; "syscall
 /// N" where [`name`] does not know the syscall).
