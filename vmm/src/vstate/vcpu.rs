@@ -336,7 +336,10 @@ impl Vcpu {
         exit: Sender<VmExit>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        // The thread id is published before `start` returns, so that QMP never reports a
+        // vCPU thread id of 0 for a VM that is already running.
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+        let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 crate::jail::enter_thread(crate::jail::Role::Vcpu);
@@ -344,12 +347,17 @@ impl Vcpu {
                     // SAFETY: gettid takes no arguments and cannot fail.
                     tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
                 }
+                let _ = started_tx.send(());
                 let reason = self.run(&devices, &run_state);
                 run_state.vcpu_exited();
                 // The receiver is gone only when the VM is already being torn down.
                 let _ = exit.send(reason);
             })
-            .map_err(|source| VcpuError::Spawn { index, source })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        // Bounded: a thread that dies before publishing (it cannot, short of an abort) must
+        // not hang the VMM's start.
+        let _ = started_rx.recv_timeout(std::time::Duration::from_secs(5));
+        Ok(handle)
     }
 
     /// Runs the guest until something ends the VM.
