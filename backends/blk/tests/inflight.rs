@@ -353,8 +353,10 @@ fn run(plan: &Plan) -> Report {
 
     let mut proc = h.attach(true);
     let kill_every = total / (kills + 1);
+    // Kills come on average every half interval, so that all of them land even when a kill
+    // has to wait a while for its moment (an out-of-order completion) on a busy machine.
     let mut next_kill = if kills > 0 {
-        kill_every / 2 + rng.below(kill_every as u64 / 2) as usize
+        kill_every / 4 + rng.below(kill_every as u64 / 2) as usize
     } else {
         usize::MAX
     };
@@ -481,7 +483,7 @@ fn run(plan: &Plan) -> Report {
             drop(proc);
             proc = h.attach(false);
             next_kill =
-                report.completed + kill_every / 2 + rng.below(kill_every as u64 / 2) as usize;
+                report.completed + kill_every / 4 + rng.below(kill_every as u64 / 2) as usize;
             last_progress = Instant::now();
         }
 
