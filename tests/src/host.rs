@@ -110,11 +110,28 @@ impl KvmHost {
                     attempts: 0,
                     reason: "internal: no VM after boot".into(),
                 })?;
-                let result = l1.exec(&full, timeout);
+                let mut result = l1.exec(&full, timeout);
                 if matches!(result, Err(Error::Agent { .. })) {
                     // Broken channel or unresponsive agent: drop (kill) this
                     // VM; the next command boots a fresh one.
+                    let panicked = l1_kernel_panicked(l1.console_log());
                     *vm = None;
+                    if let Some(log) = panicked {
+                        // The L1 kernel itself died (nested SVM under TCG
+                        // has rare kernel-stack overflows of its own): that
+                        // is the test machine failing, not the test. Run the
+                        // command once more on a fresh VM, loudly.
+                        eprintln!(
+                            "KVM host VM kernel panicked during a test command (console: {}); \
+                             running it again on a fresh VM",
+                            log.display()
+                        );
+                        let mut fresh = L1Vm::boot()?;
+                        result = fresh.exec(&full, timeout);
+                        if !matches!(result, Err(Error::Agent { .. })) {
+                            *vm = Some(fresh);
+                        }
+                    }
                 }
                 rename_timeout(result, command)
             }
@@ -139,6 +156,14 @@ impl KvmHost {
 }
 
 /// Reports the caller's command in timeouts, not the `cd ... &&` wrapper.
+/// The console log of an L1 VM whose kernel panicked, if it did.
+fn l1_kernel_panicked(console: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_to_string(console)
+        .ok()
+        .filter(|text| text.contains("Kernel panic - not syncing"))
+        .map(|_| console.to_path_buf())
+}
+
 fn rename_timeout(result: Result<Output>, command: &str) -> Result<Output> {
     result.map_err(|e| match e {
         Error::Timeout {
@@ -157,4 +182,26 @@ pub fn has_hardware_kvm() -> bool {
     Path::new("/dev/kvm").exists()
         && (Path::new("/sys/module/kvm_intel").exists()
             || Path::new("/sys/module/kvm_amd").exists())
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::l1_kernel_panicked;
+
+    #[test]
+    fn a_panicked_l1_is_recognised_from_its_console() {
+        let dir = std::env::temp_dir().join(format!("flotilla-l1-panic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        std::fs::write(&log, "FLOTILLA-L1-READY kvm=1\n[  1.0] ok\n").unwrap();
+        assert_eq!(l1_kernel_panicked(&log), None);
+        std::fs::write(
+            &log,
+            "[ 159.9] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n",
+        )
+        .unwrap();
+        assert_eq!(l1_kernel_panicked(&log), Some(log.clone()));
+        assert_eq!(l1_kernel_panicked(&dir.join("missing")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
