@@ -127,8 +127,14 @@ def run_dir(name):
 
 
 def reader(path):
-    """A function returning the current text of a growing file (the guest's serial log)."""
-    return lambda: open(path, errors="replace").read() if os.path.exists(path) else ""
+    """A function returning the complete lines so far of a growing file (the guest's serial
+    log): a line still being written is left out, so a check never sees half a result."""
+    def read():
+        if not os.path.exists(path):
+            return ""
+        text = open(path, errors="replace").read()
+        return text[: text.rfind("\n") + 1]
+    return read
 
 
 def finish(procs, serial, run, tail=4000):

@@ -88,9 +88,9 @@ def main():
         log = reader(serial)
 
         def result(key, timeout=600):
-            wait_for(f"guest result '{key}'", lambda: f"net {key}" in log(), timeout)
-            line = [l for l in log().splitlines() if f"FLOTILLA-RESULT net {key}" in l][-1]
-            return line.split(f"net {key}", 1)[1].strip().lstrip("=")
+            whole = lambda: [l for l in log().splitlines() if f"FLOTILLA-RESULT net {key}" in l]
+            wait_for(f"guest result '{key}'", lambda: whole(), timeout)
+            return whole()[-1].split(f"net {key}", 1)[1].strip().lstrip("=")
 
         macs = result("macs", 120)
         assert "eth0=52:54:00:12:34:56" in macs, macs
