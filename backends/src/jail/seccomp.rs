@@ -344,6 +344,17 @@ pub const ESCAPE_HATCHES: &[libc::c_long] = &[
     libc::SYS_init_module,
 ];
 
+/// The escape hatches (and `also`, a process's own forbidden extras) that `list` allows;
+/// empty for a sound policy. Shared by every process's policy tests.
+pub fn escape_hatches_in(list: &[Syscall], also: &[libc::c_long]) -> Vec<libc::c_long> {
+    ESCAPE_HATCHES
+        .iter()
+        .chain(also)
+        .copied()
+        .filter(|&nr| list.iter().any(|s| s.nr == nr as i64))
+        .collect()
+}
+
 /// A fenced list as (name, errno) pairs, in order, for tests that pin it.
 pub fn describe_fenced(fenced: &[(libc::c_long, i32)]) -> Vec<(String, i32)> {
     fenced
