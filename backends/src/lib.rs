@@ -39,6 +39,7 @@ pub mod logger;
 mod relay;
 #[cfg(feature = "daemon")]
 pub mod sandbox;
+pub mod socket;
 #[cfg(feature = "test-support")]
 pub mod test_support;
 

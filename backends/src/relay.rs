@@ -115,11 +115,7 @@ impl Relay {
         path: &Path,
         tracker: Option<Arc<InflightTracker>>,
     ) -> io::Result<Relay> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(path)?;
+        let listener = crate::socket::listen_atomically(path)?;
         log::info!("listening on {}", path.display());
         let accepted = listener.accept();
         let _ = std::fs::remove_file(path);
@@ -706,10 +702,36 @@ mod tests {
         };
         let relay = accepting.join().unwrap();
         assert!(!path.exists(), "path removed once the frontend connected");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "no private name left"
+        );
         let (listener, _) = relay.start().unwrap();
         let lib = listener.accept().unwrap().unwrap();
         (&fe).write_all(&message(1, b"x")).unwrap();
         assert_eq!(recv_one(&lib).0, message(1, b"x"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A frontend that connects the moment the path appears is never
+    /// refused (the path used to exist between bind and listen).
+    #[test]
+    fn the_socket_path_appears_only_once_it_accepts() {
+        let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("relay-test.XXXXXX")).unwrap();
+        let path = dir.join("s");
+        for round in 0..300 {
+            let accepting = {
+                let path = path.clone();
+                thread::spawn(move || Relay::accept_on(&path, None).map(|_| ()))
+            };
+            while !path.exists() {
+                std::hint::spin_loop();
+            }
+            let connected = UnixStream::connect(&path);
+            assert!(connected.is_ok(), "round {round}: {connected:?}");
+            accepting.join().unwrap().unwrap();
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

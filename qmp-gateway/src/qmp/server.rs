@@ -355,9 +355,12 @@ fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
             if path.symlink_metadata().is_ok() {
                 return Err(ServerError::SocketExists(path.clone()));
             }
-            let l = UnixListener::bind(path).map_err(|source| ServerError::BindUnix {
-                path: path.clone(),
-                source,
+            // Clients wait for the path and connect at once: it must accept then.
+            let l = flotilla_backend::socket::listen_atomically(path).map_err(|source| {
+                ServerError::BindUnix {
+                    path: path.clone(),
+                    source,
+                }
             })?;
             Ok(Listener::Unix(l, path.clone()))
         }
