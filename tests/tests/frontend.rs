@@ -188,13 +188,30 @@ fn a_slot_is_filled_replaced_and_emptied_under_a_running_driver() {
         1,
         "nothing serves the ring while the backend is away"
     );
-    let _second = start_backend(&sock, &image);
+    let mut second = start_backend(&sock, &image);
     slots
         .attach("blk1", UnixStream::connect(&sock).unwrap())
         .unwrap();
     assert_eq!(wait_read(&ram, 2), pattern[9 * 512..10 * 512]);
     assert_eq!(read_sector(&ram, &kick, 11, 3), pattern[11 * 512..12 * 512]);
     assert_eq!(interrupt.config_generation(), 1, "a restart is invisible");
+
+    // A backend that put a completion in the used ring and died before raising the
+    // interrupt: its successor has nothing to complete, so the core must raise it.
+    while irq.read().is_ok() {}
+    second.0.kill().unwrap();
+    second.0.wait().unwrap();
+    slots.detach("blk1", false).unwrap();
+    assert!(irq.read().is_err(), "no interrupt while the backend is away");
+    let _third = start_backend(&sock, &image);
+    slots
+        .attach("blk1", UnixStream::connect(&sock).unwrap())
+        .unwrap();
+    assert!(
+        irq.read().is_ok(),
+        "attach raises the used-ring interrupt the dead backend may have owed"
+    );
+    assert_eq!(read_sector(&ram, &kick, 13, 4), pattern[13 * 512..14 * 512]);
 
     // device_del: capacity 0, announced.
     slots.detach("blk1", true).unwrap();

@@ -416,6 +416,14 @@ impl VhostUserDevice {
                 // Ring the doorbell once: the new backend looks at every ring it was given.
                 let _ = kick.write(1);
             }
+            // The previous backend may have died between putting a completion in the used
+            // ring and raising the interrupt; the new one has nothing to add to the ring, so
+            // nobody else would tell the driver. One spurious interrupt costs a ring read.
+            if let Some(interrupt) = lock(&self.interrupt).as_ref() {
+                if let Err(e) = interrupt.irq().write(1) {
+                    log::error!("{}: cannot raise the used-ring interrupt: {e}", self.name);
+                }
+            }
         }
         if was_empty {
             self.signal_config_change();
