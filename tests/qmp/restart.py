@@ -63,7 +63,17 @@ def main():
                 assert not alive(b["pid"])
             print(f"restart: {a.kills} x {name} survived, {gens()} generations verified so far", flush=True)
         at_last_kill = gens()
-        wait_for("the guest to finish", lambda: "stamp done" in log(), a.seconds + 120)
+        try:
+            wait_for("the guest to finish", lambda: "stamp done" in log(), a.seconds + 120)
+        except TimeoutError:
+            # Which side stopped: the rings as the core sees them, the backend's state.
+            for cmd, args in [("flotilla-query-backends", None),
+                              ("x-flotilla-query-virtqueues", {"id": "disk0"})]:
+                try:
+                    print(f"{cmd}: {q.cmd(cmd, **(args or {}))}", flush=True)
+                except Exception as e:  # diagnostics only: never hide the timeout
+                    print(f"{cmd}: {e}", flush=True)
+            raise
         m = re.search(r"stamp done gens=(\d+) io_errors=(\d+) mismatched_blocks=(\d+)", log())
         total, errors, mismatched = map(int, m.groups())
         print(f"guest: {total} generations, {errors} I/O errors, {mismatched} mismatched blocks", flush=True)

@@ -18,6 +18,30 @@ blocks=$(param blocks 1024)
 for _ in $(seq 100); do [ -b "$disk" ] && break; sleep 0.1; done
 up() { cut -d. -f1 /proc/uptime; }
 end=$(($(up) + seconds))
+dev=${disk#/dev/}
+# Stall reporter: when the disk's completed-I/O counters stop moving for 20 s, print once
+# what the guest is waiting for, so a failed run says which side stopped (requests still
+# in flight in the guest = no completion seen; none = the guest is stuck elsewhere).
+(
+    mount -t debugfs none /sys/kernel/debug 2>/dev/null
+    last="" still=0 told=0
+    while :; do
+        sleep 5
+        now=$(cat /sys/block/$dev/stat 2>/dev/null)
+        if [ "$now" = "$last" ]; then still=$((still + 5)); else still=0 told=0; fi
+        last=$now
+        if [ "$still" -ge 20 ] && [ "$told" = 0 ]; then
+            told=1
+            busy=$(cat /sys/kernel/debug/block/$dev/hctx*/busy 2>/dev/null | tr '\n' ' ')
+            irqs=$(grep -i virtio /proc/interrupts | tr -s ' ' | tr '\n' ';')
+            ddpid=$(pidof dd)
+            wchan=$(for p in $ddpid; do cat /proc/$p/wchan; echo; done | tr '\n' ' ')
+            echo "FLOTILLA-RESULT stamp stalled ${still}s inflight=$(cat /sys/block/$dev/inflight | tr -s ' ') stat=[$now] busy=[$busy] dd=[$ddpid] wchan=[$wchan] irqs=[$irqs]"
+            for p in $ddpid; do echo "FLOTILLA-RESULT stamp stack dd $p: $(tr '\n' '|' </proc/$p/stack 2>/dev/null)"; done
+        fi
+    done
+) &
+watcher=$!
 gen=0 errors=0 mismatched=0
 echo "FLOTILLA-RESULT stamp start disk=$disk blocks=$blocks"
 while [ "$(up)" -lt "$end" ]; do
@@ -45,4 +69,5 @@ while [ "$(up)" -lt "$end" ]; do
         echo "FLOTILLA-RESULT stamp gen=$gen mismatch blocks=$bad"
     fi
 done
+kill "$watcher" 2>/dev/null
 echo "FLOTILLA-RESULT stamp done gens=$gen io_errors=$errors mismatched_blocks=$mismatched"
