@@ -7,7 +7,7 @@
 //! `netdev_add fd=NAME`). The built-ins `qmp_capabilities`, `query-version` and
 //! `query-commands` are the server's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
@@ -56,8 +56,7 @@ const HOTPLUG_COMMANDS: &[&str] = &[
     "netdev_del",
 ];
 
-/// flotilla's own commands (documented in docs/qmp.md).
-pub const VENDOR_COMMANDS: &[CommandSpec] = &[CommandSpec::bare("flotilla-query-backends")];
+pub use crate::qmp::schema::VENDOR_COMMANDS;
 
 /// Most fds `getfd` keeps at once.
 pub const MAX_NAMED_FDS: usize = 256;
@@ -233,6 +232,54 @@ impl GatewayHandler {
         })
     }
 
+    /// The core's slot of every device the gateway knows, by device id: disks and NICs from
+    /// the hotplug state (cold-plugged ones are registered there at start-up, hot-plugged ones
+    /// by `device_add`), and every supervised backend (which adds the balloon).
+    fn device_slots(&self) -> BTreeMap<String, String> {
+        let mut slots: BTreeMap<String, String> = self
+            .supervisor
+            .iter()
+            .flat_map(|s| s.list())
+            .map(|b| (b.id, b.slot))
+            .collect();
+        slots.extend(self.hotplug.iter().flat_map(|h| h.devices()));
+        slots
+    }
+
+    /// `x-flotilla-query-virtqueues`: maps the device id to the core's slot and asks the core
+    /// for a snapshot of its rings (`x-query-virtqueues`), adding the id to the reply.
+    fn query_virtqueues(
+        &self,
+        args: &Map<String, Value>,
+        client: &ClientCtx,
+    ) -> Result<Value, QmpError> {
+        const NAME: &str = "x-flotilla-query-virtqueues";
+        let Some(core) = &self.core else {
+            return Err(QmpError::generic(format!("{NAME} needs a running VM")));
+        };
+        let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+        let slots = self.device_slots();
+        let Some(slot) = slots.get(id) else {
+            let known = if slots.is_empty() {
+                "this VM has no devices".to_string()
+            } else {
+                let ids: Vec<&str> = slots.keys().map(String::as_str).collect();
+                format!("known devices: {}", ids.join(", "))
+            };
+            return Err(QmpError::generic(format!(
+                "Device '{id}' not found: the gateway has no record of a device with that id ({known})"
+            )));
+        };
+        let mut request = Map::new();
+        request.insert("slot".into(), json!(slot));
+        let mut reply =
+            core.request("x-query-virtqueues", request, |queued| client.defer(queued))?;
+        if let Some(obj) = reply.as_object_mut() {
+            obj.insert("id".into(), json!(id));
+        }
+        Ok(reply)
+    }
+
     fn quit(&self, client: &ClientCtx) -> Result<Value, QmpError> {
         let events = self.events.clone();
         let shutdown = self
@@ -296,6 +343,7 @@ impl CommandHandler for GatewayHandler {
                 .supervisor
                 .as_ref()
                 .map_or_else(|| json!([]), |s| s.query())),
+            "x-flotilla-query-virtqueues" => self.query_virtqueues(&args, &client),
             _ if self.core.is_none()
                 && (CORE_COMMANDS.contains(&name) || HOTPLUG_COMMANDS.contains(&name)) =>
             {
@@ -361,5 +409,154 @@ mod tests {
         let e = h.execute("query-block", Map::new(), ClientCtx::new(2, Peer::Unix));
         assert_eq!(e.unwrap_err().desc, "not yet implemented: query-block");
         assert!(h.commands().iter().any(|c| c.name == "blockdev-add"));
+    }
+
+    /// A core that answers `x-query-virtqueues` for `blk2`, `net1` and `balloon0` (in the
+    /// real core's shape, abridged), refuses others as the core does, and reports every slot
+    /// it was asked about.
+    fn fake_core() -> (
+        std::sync::Arc<crate::core_link::CoreLink>,
+        std::sync::mpsc::Receiver<String>,
+    ) {
+        use std::io::{BufRead, Write};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (asked_tx, asked) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut writer = theirs.try_clone().unwrap();
+            for line in std::io::BufReader::new(theirs).lines() {
+                let req: Value = serde_json::from_str(&line.unwrap()).unwrap();
+                assert_eq!(req["execute"], "x-query-virtqueues");
+                let slot = req["arguments"]["slot"].as_str().unwrap().to_string();
+                let reply = match slot.as_str() {
+                    "blk2" | "net1" | "balloon0" => json!({"return": {
+                        "slot": slot, "state": "attached", "activated": true,
+                        "queues": [{"index": 0, "ready": false}]}, "id": req["id"]}),
+                    _ => json!({"error": {"class": "GenericError",
+                        "desc": format!("no device slot '{slot}'")}, "id": req["id"]}),
+                };
+                asked_tx.send(slot).unwrap();
+                writer.write_all(format!("{reply}\n").as_bytes()).unwrap();
+            }
+        });
+        let link = crate::core_link::CoreLink::start(ours, EventBus::new()).unwrap();
+        (link, asked)
+    }
+
+    struct NoCore;
+    impl crate::supervisor::CoreOps for NoCore {
+        fn attach(&self, _: &str, _: &std::os::unix::net::UnixStream) -> Result<(), String> {
+            Ok(())
+        }
+        fn detach(&self, _: &str, _: bool) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    struct NoEvents;
+    impl crate::supervisor::EventSink for NoEvents {
+        fn emit(&self, _: &str, _: Value) {}
+    }
+
+    /// Stops the fixture's backend process whatever the test's outcome.
+    struct StopAll(std::sync::Arc<Supervisor>);
+    impl Drop for StopAll {
+        fn drop(&mut self) {
+            self.0.shutdown();
+        }
+    }
+
+    #[test]
+    fn virtqueues_of_cold_plugged_devices_by_id() {
+        let (link, asked) = fake_core();
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let sup = Supervisor::new(std::sync::Arc::new(NoCore), std::sync::Arc::new(NoEvents));
+        let _stop = StopAll(sup.clone());
+        let hotplug = std::sync::Arc::new(Hotplug::new(
+            sup.clone(),
+            std::sync::Arc::new(NoCore),
+            EventBus::new(),
+            "/bin/false".into(),
+            "/bin/false".into(),
+        ));
+        // As the gateway adopts a VM's cold-plugged devices at start-up (main.rs): disks and
+        // NICs in the hotplug state, the balloon only under the supervisor.
+        let null = || std::fs::File::open("/dev/null").unwrap();
+        hotplug.register_cold_disk("disk0", "drive0", 2, Default::default(), null());
+        hotplug.register_cold_nic("net0", "netdev0", 1, null().into());
+        sup.start(
+            "balloon0",
+            "virtio-balloon-device",
+            "balloon0",
+            crate::supervisor::backend::BackendSpec {
+                program: "/bin/sh".into(),
+                args: vec!["-c".into(), "exec sleep 60".into()],
+                fds: Vec::new(),
+            },
+        )
+        .unwrap();
+        let h = GatewayHandler::with_core(EventBus::new(), tx, link).with_hotplug(hotplug, sup);
+        let query = |id: &str| {
+            let ctx = ClientCtx::new(1, Peer::Unix);
+            let r = h.execute(
+                "x-flotilla-query-virtqueues",
+                args(json!({ "id": id })),
+                ctx.clone(),
+            );
+            ctx.run_deferred();
+            r
+        };
+        for (id, slot) in [
+            ("disk0", "blk2"),
+            ("net0", "net1"),
+            ("balloon0", "balloon0"),
+        ] {
+            let r = query(id).unwrap();
+            assert_eq!(asked.try_recv().as_deref(), Ok(slot));
+            assert_eq!(
+                (r["id"].as_str(), r["slot"].as_str()),
+                (Some(id), Some(slot))
+            );
+            assert_eq!(r["queues"][0], json!({"index": 0, "ready": false}));
+        }
+        let e = query("disk9").unwrap_err();
+        assert_eq!(e.class, crate::qmp::ErrorClass::GenericError);
+        assert_eq!(
+            e.desc,
+            "Device 'disk9' not found: the gateway has no record of a device with that id (known devices: balloon0, disk0, net0)"
+        );
+        assert!(asked.try_recv().is_err(), "the core was not asked");
+        assert!(h
+            .commands()
+            .iter()
+            .any(|c| c.name == "x-flotilla-query-virtqueues"));
+    }
+
+    #[test]
+    fn virtqueues_without_devices_or_a_vm() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let ctx = ClientCtx::new(1, Peer::Unix);
+        let no_vm = GatewayHandler::new(EventBus::new(), tx.clone());
+        let e = no_vm
+            .execute(
+                "x-flotilla-query-virtqueues",
+                args(json!({"id": "disk0"})),
+                ctx.clone(),
+            )
+            .unwrap_err();
+        assert_eq!(e.desc, "x-flotilla-query-virtqueues needs a running VM");
+        let (link, asked) = fake_core();
+        let bare = GatewayHandler::with_core(EventBus::new(), tx, link);
+        let e = bare
+            .execute(
+                "x-flotilla-query-virtqueues",
+                args(json!({"id": "disk0"})),
+                ctx,
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.desc,
+            "Device 'disk0' not found: the gateway has no record of a device with that id (this VM has no devices)"
+        );
+        assert!(asked.try_recv().is_err());
     }
 }

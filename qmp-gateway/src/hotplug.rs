@@ -233,6 +233,15 @@ impl Hotplug {
         }
     }
 
+    /// Every plugged disk and NIC, hot- or cold-plugged, as (device id, the core's slot).
+    pub fn devices(&self) -> Vec<(String, String)> {
+        self.state()
+            .devices
+            .iter()
+            .map(|(id, d)| (id.clone(), format!("{}{}", d.kind.prefix(), d.slot)))
+            .collect()
+    }
+
     /// `netdev_add`: opens (or takes) the tap and names it.
     pub fn netdev_add(&self, id: &str, source: TapSource) -> Result<Value, QmpError> {
         if id.is_empty() {

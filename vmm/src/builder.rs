@@ -167,6 +167,15 @@ impl VmHandle {
         self.reset.devices.slots.status()
     }
 
+    /// A snapshot of slot `slot`'s virtqueues (QMP `x-flotilla-query-virtqueues`).
+    pub fn virtqueues(&self, slot: &str) -> Result<crate::hotplug::SlotQueues, String> {
+        self.reset
+            .devices
+            .slots
+            .virtqueues(slot, crate::hotplug::QUERY_LOCK_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
     /// Resets the machine (QMP `system_reset`): vCPUs stop, the kernel, initrd and boot tables
     /// are loaded again, interrupt controllers and vCPUs return to their boot state, and the
     /// guest boots afresh. Guest RAM is not cleared, as on real hardware.

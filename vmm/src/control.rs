@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use crate::builder::VmHandle;
 use crate::exit::VmExit;
-use crate::hotplug::SlotStatus;
+use crate::hotplug::{SlotQueues, SlotStatus};
 use crate::trace;
 use crate::trace_event;
 
@@ -51,6 +51,10 @@ pub trait VmControl: Send + Sync {
     /// Every device slot and its state.
     fn slots(&self) -> Vec<SlotStatus> {
         Vec::new()
+    }
+    /// A snapshot of a slot's virtqueues (`x-query-virtqueues`, for diagnosing a stall).
+    fn virtqueues(&self, _slot: &str) -> Result<SlotQueues, String> {
+        Err("this VM has no device slots".into())
     }
     /// QMP `balloon`: leave the guest `value` bytes.
     fn set_balloon(&self, _value: u64) -> Result<(), String> {
@@ -95,6 +99,9 @@ impl VmControl for VmHandle {
     }
     fn slots(&self) -> Vec<SlotStatus> {
         VmHandle::slots(self)
+    }
+    fn virtqueues(&self, slot: &str) -> Result<SlotQueues, String> {
+        VmHandle::virtqueues(self, slot)
     }
     fn set_balloon(&self, value: u64) -> Result<(), String> {
         VmHandle::set_balloon(self, value)
@@ -448,6 +455,15 @@ fn execute(
             .into_iter()
             .map(|s| json!({ "slot": s.name, "kind": s.kind.prefix(), "state": s.state.as_str() }))
             .collect::<Vec<_>>() })),
+        "x-query-virtqueues" => {
+            let Some(slot) = args.get("slot").and_then(Value::as_str) else {
+                return error("GenericError", "x-query-virtqueues needs 'slot' (string)");
+            };
+            match vm.virtqueues(slot) {
+                Ok(queues) => json!({ "return": virtqueues_json(&queues) }),
+                Err(e) => error("GenericError", e),
+            }
+        }
         "query-cpus" => no_args(json!({ "return": query_cpus(vm) })),
         "query-hotpluggable-cpus" => no_args(json!({ "return": hotpluggable_cpus(vm) })),
         other => error(
@@ -455,6 +471,44 @@ fn execute(
             format!("The command {other} has not been found"),
         ),
     }
+}
+
+/// The reply to `x-query-virtqueues` (the gateway adds the device id and relays it as QMP
+/// `x-flotilla-query-virtqueues`, docs/qmp.md). Fields read from guest memory are `null` where
+/// the ring lies outside RAM; queues that are not ready carry no ring fields at all.
+fn virtqueues_json(q: &SlotQueues) -> Value {
+    let queues: Vec<Value> = q
+        .status
+        .queues
+        .iter()
+        .map(|queue| match &queue.ready {
+            None => json!({ "index": queue.index, "ready": false }),
+            Some(r) => json!({
+                "index": queue.index,
+                "ready": true,
+                "size": r.config.size,
+                "desc": r.config.desc_table,
+                "avail": r.config.avail_ring,
+                "used": r.config.used_ring,
+                "avail-flags": r.rings.avail_flags,
+                "avail-idx": r.rings.avail_idx,
+                "used-event": r.rings.used_event,
+                "used-flags": r.rings.used_flags,
+                "used-idx": r.rings.used_idx,
+                "avail-event": r.rings.avail_event,
+                "inflight": r.rings.inflight(),
+            }),
+        })
+        .collect();
+    json!({
+        "slot": q.name,
+        "kind": q.kind.prefix(),
+        "state": q.status.state.as_str(),
+        "activated": q.status.activated,
+        "event-idx": q.status.event_idx,
+        "interrupt-status": q.status.interrupt_status,
+        "queues": queues,
+    })
 }
 
 /// StratoVirt numbers each vCPU as its own socket (`-smp N` = N sockets of one core).
@@ -634,6 +688,51 @@ mod tests {
             }
             self.attached.lock().unwrap().push((slot.into(), stream));
             Ok(())
+        }
+        fn virtqueues(&self, slot: &str) -> Result<SlotQueues, String> {
+            use crate::hotplug::SlotKind;
+            use crate::transport::QueueConfig;
+            use crate::vhost_user::frontend::BackendState;
+            use crate::vhost_user::virtqueues::*;
+            if slot != "blk1" {
+                return Err(format!("no device slot '{slot}'"));
+            }
+            let config = QueueConfig {
+                max_size: 256,
+                size: 256,
+                ready: true,
+                desc_table: 0x7f00_0000,
+                avail_ring: 0x7f00_1000,
+                used_ring: 0x7f00_2000,
+            };
+            let rings = RingIndices {
+                avail_flags: Some(0),
+                avail_idx: Some(2),
+                used_event: None,
+                used_flags: Some(1),
+                used_idx: Some(65535),
+                avail_event: None,
+            };
+            Ok(SlotQueues {
+                name: slot.into(),
+                kind: SlotKind::Blk,
+                status: VirtqueueStatus {
+                    state: BackendState::Waiting,
+                    activated: true,
+                    event_idx: true,
+                    interrupt_status: Some(1),
+                    queues: vec![
+                        QueueStatus {
+                            index: 0,
+                            ready: Some(ReadyQueue { config, rings }),
+                        },
+                        QueueStatus {
+                            index: 1,
+                            ready: None,
+                        },
+                    ],
+                },
+            })
         }
     }
 
@@ -825,6 +924,45 @@ mod tests {
             r#"{"execute":"trace-set-state","arguments":{"name":"*","enable":false}}"#,
         );
         assert!(!trace::VHOST_USER_MESSAGE.enabled());
+    }
+
+    #[test]
+    fn virtqueues_reply_shape() {
+        let vm = FakeVm::default();
+        let (tx, _events) = channel();
+        let r = handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"x-query-virtqueues","arguments":{"slot":"blk1"},"id":3}"#,
+        );
+        assert_eq!(
+            r,
+            json!({"return": {
+                "slot": "blk1", "kind": "blk", "state": "waiting", "activated": true,
+                "event-idx": true, "interrupt-status": 1,
+                "queues": [
+                    {"index": 0, "ready": true, "size": 256,
+                     "desc": 0x7f00_0000u64, "avail": 0x7f00_1000u64, "used": 0x7f00_2000u64,
+                     "avail-flags": 0, "avail-idx": 2, "used-event": null,
+                     "used-flags": 1, "used-idx": 65535, "avail-event": null,
+                     "inflight": 3},
+                    {"index": 1, "ready": false}
+                ]}, "id": 3})
+        );
+        let r = handle_line(
+            &vm,
+            &tx,
+            r#"{"execute":"x-query-virtqueues","arguments":{"slot":"blk9"}}"#,
+        );
+        assert_eq!(
+            r,
+            json!({"error": {"class": "GenericError", "desc": "no device slot 'blk9'"}})
+        );
+        let r = handle_line(&vm, &tx, r#"{"execute":"x-query-virtqueues"}"#);
+        assert_eq!(
+            r["error"]["desc"],
+            "x-query-virtqueues needs 'slot' (string)"
+        );
     }
 
     #[test]

@@ -13,13 +13,15 @@
 //! the transport, so a slow backend hand-over stalls only that one device.
 
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::MmioDeviceInfo;
 use crate::transport::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use crate::vhost_user::frontend::{BackendState, VhostUserDevice};
+use crate::vhost_user::virtqueues::VirtqueueStatus;
 
 /// Block slots on microvm, cold-plugged disks included (StratoVirt: at most 6 disks).
 pub const BLK_SLOTS: usize = 6;
@@ -62,7 +64,23 @@ pub enum SlotError {
         /// Why.
         reason: String,
     },
+    /// Another thread held the slot's frontend for longer than a diagnostic query waits.
+    #[error(
+        "slot '{slot}': its frontend has been busy for over {} ms (most likely a vhost-user request the backend does not answer)",
+        waited.as_millis()
+    )]
+    Busy {
+        /// The slot.
+        slot: String,
+        /// How long the query waited.
+        waited: Duration,
+    },
 }
+
+/// How long `x-query-virtqueues` waits for a frontend another thread holds. Bounded because
+/// the query is for stuck devices: a vCPU blocked in a vhost-user exchange with a backend that
+/// stopped answering holds the frontend, and the control thread must not hang with it.
+pub const QUERY_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One slot: a name the gateway uses, and the frontend shared with the transport.
 pub struct Slot {
@@ -77,6 +95,33 @@ pub struct Slot {
 
 fn lock(device: &Mutex<VhostUserDevice>) -> MutexGuard<'_, VhostUserDevice> {
     device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Locks `device` unless another thread keeps it for `timeout`.
+fn lock_within(
+    device: &Mutex<VhostUserDevice>,
+    timeout: Duration,
+) -> Option<MutexGuard<'_, VhostUserDevice>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match device.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
+            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// A slot's virtqueues as `x-query-virtqueues` reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotQueues {
+    /// Slot name.
+    pub name: String,
+    /// Its kind.
+    pub kind: SlotKind,
+    /// The frontend's snapshot.
+    pub status: VirtqueueStatus,
 }
 
 /// A slot as the control channel reports it.
@@ -135,6 +180,21 @@ impl Slots {
     pub fn detach(&self, name: &str, unplug: bool) -> Result<(), SlotError> {
         lock(&self.find(name)?.device).detach(unplug);
         Ok(())
+    }
+
+    /// A snapshot of slot `name`'s virtqueues (diagnostics), waiting at most `timeout` for a
+    /// frontend that another thread holds.
+    pub fn virtqueues(&self, name: &str, timeout: Duration) -> Result<SlotQueues, SlotError> {
+        let slot = self.find(name)?;
+        let device = lock_within(&slot.device, timeout).ok_or_else(|| SlotError::Busy {
+            slot: name.to_string(),
+            waited: timeout,
+        })?;
+        Ok(SlotQueues {
+            name: slot.name.clone(),
+            kind: slot.kind,
+            status: device.virtqueues(),
+        })
     }
 
     /// Every slot and its state.
@@ -261,5 +321,42 @@ mod tests {
         assert!(e.to_string().starts_with("slot 'blk0': "), "{e}");
         assert_eq!(slots.status()[0].state, BackendState::Empty);
         assert_eq!(capacity(&dev), 0);
+    }
+
+    #[test]
+    fn virtqueues_by_slot_name_and_a_busy_frontend_does_not_hang_the_query() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let frontend =
+            blk::vhost_user_blk("blk2", 1, &ram.memory, &MemoryTable::new(&ram)).unwrap();
+        let shared = Arc::new(Mutex::new(frontend));
+        let info = MmioDeviceInfo {
+            base: 0xd000_2000,
+            len: 0x1000,
+            irq: 7,
+        };
+        let mut slots = Slots::default();
+        slots.push("blk2".into(), SlotKind::Blk, info, shared.clone());
+        let q = slots.virtqueues("blk2", QUERY_LOCK_TIMEOUT).unwrap();
+        assert_eq!((q.name.as_str(), q.kind), ("blk2", SlotKind::Blk));
+        assert_eq!(q.status.state, BackendState::Empty);
+        assert_eq!(q.status.queues.len(), 1);
+        assert!(matches!(
+            slots.virtqueues("net0", QUERY_LOCK_TIMEOUT),
+            Err(SlotError::Unknown(_))
+        ));
+
+        // A vCPU stuck in a vhost-user exchange holds the frontend.
+        let held = shared.lock().unwrap();
+        let started = Instant::now();
+        let e = slots
+            .virtqueues("blk2", Duration::from_millis(20))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            e.to_string(),
+            "slot 'blk2': its frontend has been busy for over 20 ms (most likely a vhost-user request the backend does not answer)"
+        );
+        drop(held);
+        assert!(slots.virtqueues("blk2", QUERY_LOCK_TIMEOUT).is_ok());
     }
 }

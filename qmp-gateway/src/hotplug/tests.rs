@@ -103,6 +103,7 @@ fn add_and_delete_a_disk_like_stratovirt() {
         (listed[0].id.as_str(), listed[0].slot.as_str()),
         ("drive-0", "blk1")
     );
+    assert_eq!(f.hp.devices(), vec![("drive-0".into(), "blk1".into())]);
     let pid = listed[0].pid.unwrap();
     // The node is in use: it cannot go before the device.
     let e =
@@ -111,6 +112,7 @@ fn add_and_delete_a_disk_like_stratovirt() {
     assert!(e.desc.contains("in use by device 'drive-0'"), "{}", e.desc);
     f.hp.device_del(&args(json!({"id": "drive-0"}))).unwrap();
     assert!(f.sup.list().is_empty());
+    assert!(f.hp.devices().is_empty());
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists() || {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -7,7 +7,7 @@
 //!
 //! [`STRATOVIRT_COMMANDS`] is StratoVirt's command set with StratoVirt's argument names
 //! (`machine_manager/src/qmp/qmp_schema.rs` upstream, and the QMP reference in
-//! `reference/stratovirt-qmp.md`).
+//! `reference/stratovirt-qmp.md`). [`VENDOR_COMMANDS`] are flotilla's own (docs/qmp.md).
 
 use serde_json::{Map, Value};
 
@@ -265,6 +265,14 @@ pub const STRATOVIRT_COMMANDS: &[CommandSpec] = &[
     CommandSpec::with("human-monitor-command", &[req("command-line", Str)]),
 ];
 
+/// flotilla's own commands, named with the `flotilla-` prefix (`x-flotilla-` for unstable
+/// diagnostics, as QEMU's `x-`) so that no StratoVirt or QEMU name is shadowed.
+pub const VENDOR_COMMANDS: &[CommandSpec] = &[
+    CommandSpec::bare("flotilla-query-backends"),
+    // A device's virtqueues read from guest memory: which side of a stalled device stopped.
+    CommandSpec::with("x-flotilla-query-virtqueues", &[req("id", Str)]),
+];
+
 /// Looks up `name` in `specs`.
 pub fn find<'a>(specs: &'a [CommandSpec], name: &str) -> Option<&'a CommandSpec> {
     specs.iter().find(|s| s.name == name)
@@ -298,6 +306,10 @@ mod tests {
             .check(&args(json!({"value": 1, "extra": true})))
             .unwrap_err();
         assert_eq!(e.desc, "Parameter 'extra' is unexpected");
+        let virtqueues = find(VENDOR_COMMANDS, "x-flotilla-query-virtqueues").unwrap();
+        assert!(virtqueues.check(&args(json!({"id": "disk0"}))).is_ok());
+        let e = virtqueues.check(&Map::new()).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'id' is missing");
         let stop = find(STRATOVIRT_COMMANDS, "stop").unwrap();
         assert!(stop.check(&Map::new()).is_ok());
         assert!(stop.check(&args(json!({"x": 1}))).is_err());
@@ -325,6 +337,7 @@ mod tests {
         let mut names: Vec<_> = BUILTIN_COMMANDS
             .iter()
             .chain(STRATOVIRT_COMMANDS)
+            .chain(VENDOR_COMMANDS)
             .map(|c| c.name)
             .collect();
         let count = names.len();

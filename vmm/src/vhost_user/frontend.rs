@@ -24,6 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::memory::MemoryTable;
+use super::virtqueues::{QueueStatus, VirtqueueStatus, VIRTIO_RING_F_EVENT_IDX};
 use crate::trace::VHOST_USER_MESSAGE;
 use crate::trace_event;
 use crate::transport::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
@@ -378,6 +379,26 @@ impl VhostUserDevice {
     /// The device's name (its id or slot).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A snapshot of the device's virtqueues for diagnosing a stall (QMP
+    /// `x-flotilla-query-virtqueues`; see [`super::virtqueues`] for why the rings are read).
+    /// Queues are those the guest activated the device with; before activation, and after a
+    /// guest reset, every queue is listed as not ready and no guest memory is read.
+    pub fn virtqueues(&self) -> VirtqueueStatus {
+        let queues = (0..self.queue_sizes.len())
+            .map(|index| {
+                let config = self.active_queues.as_ref().and_then(|q| q.get(index));
+                QueueStatus::read(&self.memory, index, config)
+            })
+            .collect();
+        VirtqueueStatus {
+            state: self.state,
+            activated: self.active_queues.is_some(),
+            event_idx: self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0,
+            interrupt_status: lock(&self.interrupt).as_ref().map(|i| i.status()),
+            queues,
+        }
     }
 
     /// Connects a backend over `stream`: negotiates features and protocol features, reads its
@@ -929,6 +950,92 @@ mod feature_tests {
         let mut capacity = [0u8; 8];
         dev.read_config(0, &mut capacity);
         assert_eq!(capacity, [0; 8]);
+    }
+}
+
+#[cfg(test)]
+mod virtqueue_tests {
+    //! The diagnostic snapshot of a frontend built without a VM: rings in a `GuestRam` the
+    //! test writes indices into, the transport's side played by calling the device directly.
+    use super::tests_support::*;
+    use super::*;
+    use crate::transport::{INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1};
+    use crate::vstate::memory::GuestRam;
+
+    fn put(ram: &GuestRam, gpa: u64, value: u16) {
+        ram.memory
+            .write_slice(&value.to_le_bytes(), GuestAddress(gpa))
+            .unwrap();
+    }
+
+    #[test]
+    fn snapshot_follows_activation_backend_and_rings() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut dev =
+            crate::vhost_user::blk::vhost_user_blk("blk0", 2, &ram.memory, &MemoryTable::new(&ram))
+                .unwrap();
+        // Nothing set up yet: both queues listed, neither ready, no interrupt yet.
+        let s = dev.virtqueues();
+        assert_eq!(s.state, BackendState::Empty);
+        assert!(!s.activated && !s.event_idx);
+        assert_eq!(s.interrupt_status, None);
+        assert_eq!(s.queues.len(), 2);
+        assert!(s.queues.iter().all(|q| q.ready.is_none()));
+
+        let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.set_interrupt(interrupt.clone());
+        dev.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        // Queue 0 ready with its rings in RAM; queue 1 left alone by the driver.
+        let q0 = QueueConfig {
+            max_size: 256,
+            size: 128,
+            ready: true,
+            desc_table: 0x10_0000,
+            avail_ring: 0x10_0800,
+            used_ring: 0x10_1000,
+        };
+        dev.activate(&[q0, QueueConfig::new(256)]).unwrap();
+        put(&ram, q0.avail_ring + 2, 7);
+        put(&ram, q0.avail_ring + 4 + 2 * 128, 4);
+        put(&ram, q0.used_ring + 2, 5);
+        put(&ram, q0.used_ring + 4 + 8 * 128, 7);
+        let s = dev.virtqueues();
+        assert!(s.activated && s.event_idx);
+        // vhost-user: the used-ring bit is always reported.
+        assert_eq!(s.interrupt_status, Some(INT_VRING));
+        let ready = s.queues[0].ready.expect("queue 0 is ready");
+        assert_eq!(ready.config, q0);
+        assert_eq!(
+            ready.rings,
+            crate::vhost_user::virtqueues::RingIndices {
+                avail_flags: Some(0),
+                avail_idx: Some(7),
+                used_event: Some(4),
+                used_flags: Some(0),
+                used_idx: Some(5),
+                avail_event: Some(7),
+            }
+        );
+        assert_eq!(ready.rings.inflight(), Some(2));
+        assert_eq!(s.queues[1].index, 1);
+        assert_eq!(s.queues[1].ready, None);
+
+        // A pending config change shows in the status bits; a backend shows in the state.
+        interrupt.signal_config_change();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        minimal_backend(theirs, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        dev.attach(ours).unwrap();
+        let s = dev.virtqueues();
+        assert_eq!(s.state, BackendState::Attached);
+        assert_eq!(s.interrupt_status, Some(INT_VRING | INT_CONFIG));
+        dev.detach(false);
+        assert_eq!(dev.virtqueues().state, BackendState::Waiting);
+
+        // The guest resets the device: its rings are forgotten and no longer read.
+        dev.reset();
+        let s = dev.virtqueues();
+        assert!(!s.activated && !s.event_idx);
+        assert!(s.queues.iter().all(|q| q.ready.is_none()));
     }
 }
 

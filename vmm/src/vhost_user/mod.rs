@@ -9,5 +9,6 @@ pub mod blk;
 pub mod frontend;
 pub mod memory;
 pub mod net;
+pub mod virtqueues;
 
 pub use frontend::{FrontendError, VhostUserDevice};
