@@ -202,7 +202,10 @@ fn a_slot_is_filled_replaced_and_emptied_under_a_running_driver() {
     second.0.kill().unwrap();
     second.0.wait().unwrap();
     slots.detach("blk1", false).unwrap();
-    assert!(irq.read().is_err(), "no interrupt while the backend is away");
+    assert!(
+        irq.read().is_err(),
+        "no interrupt while the backend is away"
+    );
     let _third = start_backend(&sock, &image);
     slots
         .attach("blk1", UnixStream::connect(&sock).unwrap())

@@ -208,6 +208,14 @@ impl QueueWorker {
                 Ok(heads) => self.resubmit = heads.into(),
                 Err(e) => log::error!("queue {}: {e}", self.index),
             }
+            if self.tracking.is_tracking() {
+                // A previous backend may have died between adding a completion and raising
+                // the interrupt, and not every frontend raises it for us on reconnect: one
+                // spurious interrupt makes the driver look at its used ring.
+                if let Err(e) = vring.signal_used_queue() {
+                    log::error!("queue {}: signalling the guest: {e}", self.index);
+                }
+            }
         }
         self.process_queue(vring, mem, event_idx);
     }

