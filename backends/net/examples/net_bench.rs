@@ -34,6 +34,9 @@ const TSO_PAYLOAD: usize = 64_000;
 /// Receive buffer size offered by the harness (mergeable: Linux posts at
 /// most a page per buffer).
 const RX_BUF: u32 = 4096;
+/// Distinct frames both transmit sides cycle over (the harness's scratch
+/// slots, shared by chains whatever the ring size: the device only reads).
+const TX_FRAMES: u64 = 256;
 
 /// Posts the receive buffer of the next head: buffer h at RX_BUFS + h *
 /// RX_BUF, so that the 256 buffers are 1 MiB of contiguous memory, as a
@@ -116,6 +119,8 @@ struct Opts {
     event_idx: bool,
     /// Send buffer of the receive-side generator (None: the kernel default).
     sndbuf: Option<i32>,
+    /// Ring size the harness uses (a Linux guest takes the device's maximum).
+    ring: u16,
 }
 
 impl Opts {
@@ -127,6 +132,7 @@ impl Opts {
             backend_args: Vec::new(),
             event_idx: true,
             sndbuf: Some(DEFAULT_SNDBUF),
+            ring: QSIZE,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -137,6 +143,13 @@ impl Opts {
                 "--only" => o.only = val().split(',').map(String::from).collect(),
                 "--poll" => o.backend_args.push("--poll".into()),
                 "--no-event-idx" => o.event_idx = false,
+                "--ring" => {
+                    o.ring = val()
+                        .parse()
+                        .ok()
+                        .filter(|n: &u16| n.is_power_of_two() && *n <= 1024)
+                        .unwrap_or_else(|| usage("--ring"));
+                }
                 "--sndbuf" => {
                     let bytes: i32 = val().parse().unwrap_or_else(|_| usage("--sndbuf"));
                     o.sndbuf = (bytes > 0).then_some(bytes);
@@ -156,7 +169,7 @@ fn usage(arg: &str) -> ! {
     eprintln!(
         "net_bench: bad argument {arg}\n\
          usage: net_bench [--seconds N] [--runs N] [--only tx-mtu,rx-mtu,tx-tso,rx-tso] \
-         [--poll] [--no-event-idx] [--sndbuf BYTES (0: kernel default)]"
+         [--poll] [--no-event-idx] [--sndbuf BYTES (0: kernel default)] [--ring 256|512|1024]"
     );
     std::process::exit(2)
 }
@@ -170,10 +183,11 @@ enum Dir {
 fn main() {
     let o = Opts::parse();
     println!(
-        "# {} s per measurement, {} run(s), harness EVENT_IDX {}, backend args {:?}, \
+        "# {} s per measurement, {} run(s), ring {}, harness EVENT_IDX {}, backend args {:?}, \
          generator sndbuf {}; loadavg {}",
         o.secs.as_secs(),
         o.runs,
+        o.ring,
         if o.event_idx { "on" } else { "off" },
         o.backend_args,
         o.sndbuf.map_or("kernel default".into(), |b| b.to_string()),
@@ -312,7 +326,7 @@ fn tx_raw(size: Size, d: Duration) -> Rate {
     let hdr = size.hdr12();
     // As many distinct frames as the harness has ring slots, so that both
     // sides copy from the same amount of memory (not one cache-hot frame).
-    let frames: Vec<Vec<u8>> = (0..QSIZE).map(|_| frame.clone()).collect();
+    let frames: Vec<Vec<u8>> = (0..TX_FRAMES).map(|_| frame.clone()).collect();
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < d {
@@ -350,12 +364,12 @@ fn tx_backend(size: Size, o: &Opts) -> Rate {
     let ns = Netns::new();
     let tap = ns.tap(TAP);
     let (_backend, stream) = spawn_backend(&tap, o);
-    let mut drv = Driver::new(stream, features_for(size, o));
+    let mut drv = Driver::with_ring_size(stream, features_for(size, o), o.ring);
     let frame = size.frame();
     let hdr = size.hdr12();
     // One frame per scratch slot, header and frame in two descriptors (the
     // raw baseline's two iovecs); chains reuse the slots.
-    let slots = u64::from(QSIZE);
+    let slots = TX_FRAMES;
     for slot in 0..slots {
         let base = TX_BUFS + slot * TX_SLOT;
         use vm_memory::Bytes;
@@ -474,8 +488,8 @@ fn rx_backend(size: Size, o: &Opts) -> Rate {
     let tap = ns.tap(TAP);
     let (_backend, stream) = spawn_backend(&tap, o);
     let sndbuf = o.sndbuf;
-    let mut drv = Driver::new(stream, features_for(size, o));
-    for _ in 0..QSIZE {
+    let mut drv = Driver::with_ring_size(stream, features_for(size, o), o.ring);
+    for _ in 0..o.ring {
         post_rx(&mut drv);
     }
     drv.kick(RX);

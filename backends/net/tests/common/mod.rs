@@ -452,6 +452,7 @@ pub fn tree_cpu_ticks(pid: u32) -> u64 {
 // ---------------------------------------------------------------- driver
 
 pub const MEM_SIZE: usize = 64 << 20;
+/// Ring size unless a test asks for another (Linux uses the device's maximum).
 pub const QSIZE: u16 = 256;
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
@@ -490,6 +491,8 @@ pub fn wr(addr: u64, len: u32) -> D {
 /// One split virtqueue as the driver sees it.
 pub struct Ring {
     pub index: usize,
+    /// Entries (a power of two).
+    pub size: u16,
     pub desc: u64,
     pub avail: u64,
     pub used: u64,
@@ -506,19 +509,24 @@ pub struct Ring {
 }
 
 impl Ring {
-    fn new(index: usize, base: u64) -> Ring {
+    /// A ring of `size` entries laid out from `base` (table, avail ring,
+    /// then the used ring on the next page; under 40 KiB for 1024 entries).
+    fn new(index: usize, base: u64, size: u16) -> Ring {
+        let avail = base + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 0xfff) & !0xfff;
         Ring {
             index,
+            size,
             desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
+            avail,
+            used,
             avail_idx: 0,
             used_seen: 0,
             used_shadow: 0,
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            free: (0..QSIZE).rev().collect(),
-            chains: vec![Vec::new(); usize::from(QSIZE)],
+            free: (0..size).rev().collect(),
+            chains: vec![Vec::new(); usize::from(size)],
         }
     }
 }
@@ -539,13 +547,19 @@ impl Driver {
     /// Connects over `stream` and negotiates `features` (virtio bits; VERSION_1
     /// and PROTOCOL_FEATURES are added).
     pub fn new(stream: UnixStream, features: u64) -> Driver {
+        Self::with_ring_size(stream, features, QSIZE)
+    }
+
+    /// The same with rings of `size` entries (at most 1024).
+    pub fn with_ring_size(stream: UnixStream, features: u64, size: u16) -> Driver {
+        assert!(size.is_power_of_two() && size <= 1024, "ring size {size}");
         let (mem, file) =
             flotilla_backend::test_support::memfd_guest_memory(c"flotilla-net-guest", MEM_SIZE);
         let mut d = Driver {
             fe: Frontend::from_stream(stream, 2),
             mem,
             file,
-            rings: [Ring::new(RX, 0x1000), Ring::new(TX, 0x8000)],
+            rings: [Ring::new(RX, 0x1_0000, size), Ring::new(TX, 0x2_0000, size)],
             features: features | F_VERSION_1 | F_PROTOCOL,
         };
         d.setup(true);
@@ -593,12 +607,12 @@ impl Driver {
         .expect("SET_MEM_TABLE");
         for r in &self.rings {
             let q = r.index;
-            fe.set_vring_num(q, QSIZE).expect("SET_VRING_NUM");
+            fe.set_vring_num(q, r.size).expect("SET_VRING_NUM");
             fe.set_vring_addr(
                 q,
                 &VringConfigData {
-                    queue_max_size: QSIZE,
-                    queue_size: QSIZE,
+                    queue_max_size: r.size,
+                    queue_size: r.size,
                     flags: 0,
                     desc_table_addr: host + r.desc,
                     used_ring_addr: host + r.used,
@@ -654,7 +668,7 @@ impl Driver {
             self.mem.write_slice(&raw, at).unwrap();
         }
         r.chains[usize::from(head)] = ids;
-        let slot = u64::from(r.avail_idx % QSIZE);
+        let slot = u64::from(r.avail_idx % r.size);
         self.mem
             .write_obj(head, GuestAddress(r.avail + 4 + 2 * slot))
             .unwrap();
@@ -692,7 +706,7 @@ impl Driver {
         let needed = if self.event_idx() {
             let event: u16 = self
                 .mem
-                .read_obj(GuestAddress(r.used + 4 + 8 * u64::from(QSIZE)))
+                .read_obj(GuestAddress(r.used + 4 + 8 * u64::from(r.size)))
                 .unwrap();
             new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
@@ -709,7 +723,7 @@ impl Driver {
     pub fn set_used_event(&self, q: usize, idx: u16) {
         let r = &self.rings[q];
         self.mem
-            .write_obj(idx, GuestAddress(r.avail + 4 + 2 * u64::from(QSIZE)))
+            .write_obj(idx, GuestAddress(r.avail + 4 + 2 * u64::from(r.size)))
             .unwrap();
         // Before the caller re-reads the used index.
         fence(Ordering::SeqCst);
@@ -738,7 +752,7 @@ impl Driver {
             }
         }
         let r = &mut self.rings[q];
-        let slot = u64::from(r.used_seen % QSIZE);
+        let slot = u64::from(r.used_seen % r.size);
         r.used_seen = r.used_seen.wrapping_add(1);
         let id: u32 = self
             .mem
