@@ -104,7 +104,7 @@ impl KvmHost {
                 // poisoned lock is simply taken over.
                 let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
                 if vm.is_none() {
-                    *vm = Some(L1Vm::boot()?);
+                    *vm = Some(boot_l1()?);
                 }
                 let l1 = vm.as_mut().ok_or_else(|| Error::L1Boot {
                     attempts: 0,
@@ -126,11 +126,16 @@ impl KvmHost {
                              running it again on a fresh VM",
                             log.display()
                         );
-                        let mut fresh = L1Vm::boot()?;
+                        let mut fresh = boot_l1()?;
                         result = fresh.exec(&full, timeout);
                         if !matches!(result, Err(Error::Agent { .. })) {
                             *vm = Some(fresh);
                         }
+                    }
+                }
+                if let (Ok(out), Some(l1)) = (&result, vm.as_mut()) {
+                    if reports_l2_triple_fault(out) {
+                        save_kvm_trace(l1, &root);
                     }
                 }
                 rename_timeout(result, command)
@@ -153,6 +158,108 @@ impl KvmHost {
         }
         self.run(&line, timeout)
     }
+}
+
+/// What the KVM host VM records for the post-mortem of an L2 triple fault
+/// (`tests/l1/kvm-trace`): `FLOTILLA_L1_KVM_TRACE=off|shutdown|full`, default `shutdown` (a
+/// kprobe that saves the L2 state KVM wipes before the VMM sees KVM_EXIT_SHUTDOWN; no cost
+/// until a triple fault); `full` also traces every kvm exit into a bounded ring.
+fn kvm_trace_mode() -> Option<&'static str> {
+    match std::env::var("FLOTILLA_L1_KVM_TRACE").as_deref() {
+        Ok("off") => None,
+        Ok("full") => Some("full"),
+        _ => Some("shutdown"),
+    }
+}
+
+/// Boots an L1 VM and arms its KVM post-mortem tracing (best effort: a kernel without
+/// tracefs or kprobes still runs the tests).
+fn boot_l1() -> Result<L1Vm> {
+    let mut vm = L1Vm::boot()?;
+    if let Some(mode) = kvm_trace_mode() {
+        let root = paths::workspace_root();
+        let arm = format!(
+            "cd {} && python3 tests/l1/kvm-trace arm {mode}",
+            shell_quote(&root.to_string_lossy())
+        );
+        match vm.exec(&arm, Duration::from_secs(60)) {
+            Ok(out) if out.success() => {
+                if std::env::var_os("FLOTILLA_TESTS_VERBOSE").is_some() {
+                    eprint!("flotilla-tests: {}", out.stdout_str());
+                }
+            }
+            Ok(out) => eprintln!(
+                "flotilla-tests: L1 kvm-trace arm failed (status {}): {}{}",
+                out.status,
+                out.stdout_str(),
+                out.stderr_str()
+            ),
+            Err(e) => eprintln!("flotilla-tests: L1 kvm-trace arm failed: {e}"),
+        }
+    }
+    Ok(vm)
+}
+
+/// flotilla-vmm's report of a guest triple fault (vmm/src/vstate/vcpu.rs), or QEMU's.
+fn reports_l2_triple_fault(out: &Output) -> bool {
+    let says = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        text.contains("KVM_EXIT_SHUTDOWN") || text.contains("triple fault")
+    };
+    says(&out.stdout) || says(&out.stderr)
+}
+
+/// After a command that reported an L2 triple fault: saves the L1's KVM trace (the L2 state at
+/// the fault, see `tests/l1/kvm-trace`) next to the L1 console log and prints where, with the
+/// recorded states.
+fn save_kvm_trace(l1: &mut L1Vm, root: &Path) {
+    if kvm_trace_mode().is_none() {
+        return;
+    }
+    let dump = format!(
+        "cd {} && python3 tests/l1/kvm-trace dump 400",
+        shell_quote(&root.to_string_lossy())
+    );
+    let out = match l1.exec(&dump, Duration::from_secs(60)) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("flotilla-tests: an L2 guest triple-faulted; no L1 KVM trace: {e}");
+            return;
+        }
+    };
+    let text = out.stdout_str();
+    let path = kvm_trace_path(l1.console_log());
+    let saved = std::fs::write(&path, &text).is_ok();
+    let states: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("flotilla_l2_shutdown"))
+        .collect();
+    eprintln!(
+        "flotilla-tests: an L2 guest triple-faulted; L1 KVM trace {}:\n{}",
+        if saved {
+            format!("in {}", path.display())
+        } else {
+            "(not saved)".to_string()
+        },
+        if states.is_empty() {
+            "(no L2 state recorded)".to_string()
+        } else {
+            states.join("\n")
+        }
+    );
+}
+
+/// `l1-<pid>-<n>.kvm-trace.<k>.log` next to `l1-<pid>-<n>.console.log`, `k` numbering the dumps.
+fn kvm_trace_path(console: &Path) -> std::path::PathBuf {
+    let name = console
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".console.log").unwrap_or(&name);
+    (1..)
+        .map(|k| console.with_file_name(format!("{stem}.kvm-trace.{k}.log")))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| console.with_file_name(format!("{stem}.kvm-trace.log")))
 }
 
 /// Reports the caller's command in timeouts, not the `cd ... &&` wrapper.
@@ -186,7 +293,31 @@ pub fn has_hardware_kvm() -> bool {
 
 #[cfg(test)]
 mod panic_tests {
-    use super::l1_kernel_panicked;
+    use super::{kvm_trace_path, l1_kernel_panicked, reports_l2_triple_fault, Output};
+
+    #[test]
+    fn an_l2_triple_fault_is_recognised_from_the_vmm_output() {
+        let out = |stderr: &str| Output {
+            stderr: stderr.as_bytes().to_vec(),
+            ..Output::default()
+        };
+        assert!(reports_l2_triple_fault(&out(
+            "flotilla-vmm: vCPU 1: triple fault (KVM_EXIT_SHUTDOWN); rip=0xfff0"
+        )));
+        assert!(!reports_l2_triple_fault(&out("RESTART-OK")));
+    }
+
+    #[test]
+    fn kvm_traces_are_numbered_next_to_the_console_log() {
+        let dir = std::env::temp_dir().join(format!("flotilla-kvm-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let console = dir.join("l1-7-1.console.log");
+        let first = kvm_trace_path(&console);
+        assert_eq!(first, dir.join("l1-7-1.kvm-trace.1.log"));
+        std::fs::write(&first, "x").unwrap();
+        assert_eq!(kvm_trace_path(&console), dir.join("l1-7-1.kvm-trace.2.log"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_panicked_l1_is_recognised_from_its_console() {
