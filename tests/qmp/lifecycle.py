@@ -64,10 +64,12 @@ def main():
         print("system_reset: guest booted again", flush=True)
 
         assert q.cmd("system_powerdown") == {}
-        q.event("POWERDOWN")
-        e = q.event("SHUTDOWN")
+        # Well inside the harness's limit for the whole script, so that a hang here fails
+        # with the guest's serial log rather than a killed KVM host VM.
+        q.event("POWERDOWN", timeout=60)
+        e = q.event("SHUTDOWN", timeout=120)
         assert e["data"] == {"guest": True, "reason": "guest-shutdown"}, e
-        assert tcp.event("SHUTDOWN")["data"]["guest"] is True
+        assert tcp.event("SHUTDOWN", timeout=30)["data"]["guest"] is True
         assert "powerbutton=pressed" in log(), log()
         status = vm.wait(timeout=30)
         assert status == 0, f"flotilla exited with {status}"

@@ -11,9 +11,12 @@ if [ -z "$ev" ]; then
     echo "FLOTILLA-RESULT powerbutton=missing"
     exit 1
 fi
+# Open the device before saying so: evdev delivers a press only to readers that have it
+# open, and the host presses as soon as it reads "armed" (right after a reset it does).
+exec 3<"$ev"
 echo "FLOTILLA-RESULT powerbutton=armed device=$ev"
 # One struct input_event (24 bytes on x86_64) = the press.
-dd if="$ev" of=/dev/null bs=24 count=1 2>/dev/null
+dd of=/dev/null bs=24 count=1 <&3 2>/dev/null
 echo "FLOTILLA-RESULT powerbutton=pressed"
 sync
 poweroff -f
