@@ -62,6 +62,20 @@ def receiver(port, result, mib=100):
     result[port] = md5.hexdigest() if left == 0 else f"short by {left} bytes"
 
 
+def diagnose(q):
+    """After a timeout: which side stopped. The NICs' rings as the core reads them from guest
+    memory, the backends, and the host end of the TCP connections and the tap's counters."""
+    for cmd, args in [("flotilla-query-backends", {})] + [
+            ("x-flotilla-query-virtqueues", {"id": nic}) for nic in ("nic0", "net1")]:
+        try:
+            print(f"{cmd} {args}: {q.cmd(cmd, **args)}", flush=True)
+        except Exception as e:  # diagnostics only: never hide the timeout
+            print(f"{cmd} {args}: {e}", flush=True)
+    for cmd in (["ss", "-tni"], ["ip", "-s", "link", "show", "fltap0"]):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"{' '.join(cmd)}:\n{out.stdout}{out.stderr}", flush=True)
+
+
 def main():
     a = driver_args()
 
@@ -74,9 +88,13 @@ def main():
     for t in threads:
         t.start()
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=net"
+    # One vCPU: both L2 triple faults seen in these long I/O runs were on vCPU 1 of a
+    # 2-vCPU guest, with L1's KVM then stuck in kvm_vcpu_reset (nested SVM under TCG, see
+    # tests/README.md "Platform failures"); multi-vCPU guests are covered by the boot,
+    # lifecycle, hotplug and balloon tests.
     vm = subprocess.Popen(
         [a.flotilla, "-name", "net", "-kernel", a.kernel, "-initrd", a.initrd,
-         "-append", append, "-m", "256", "-smp", "2", "-serial", f"file:{serial}",
+         "-append", append, "-m", "256", "-smp", "1", "-serial", f"file:{serial}",
          "-netdev", "tap,id=net0,ifname=fltap0",
          "-device", "virtio-net-device,netdev=net0,id=nic0,mac=52:54:00:12:34:56",
          "-qmp", f"unix:{qmp_path},server,nowait"],
@@ -87,9 +105,13 @@ def main():
         sh("ip", "link", "set", "fltap0", "up")
         log = reader(serial)
 
-        def result(key, timeout=600):
+        def result(key, timeout=300):
             whole = lambda: [l for l in log().splitlines() if f"FLOTILLA-RESULT net {key}" in l]
-            wait_for(f"guest result '{key}'", lambda: whole(), timeout)
+            try:
+                wait_for(f"guest result '{key}'", lambda: whole(), timeout)
+            except TimeoutError:
+                diagnose(q)
+                raise
             return whole()[-1].split(f"net {key}", 1)[1].strip().lstrip("=")
 
         macs = result("macs", 120)
@@ -119,7 +141,7 @@ def main():
             assert q.event("FLOTILLA_BACKEND_LOST", timeout=30)["data"]["pid"] == b["pid"]
             q.event("FLOTILLA_BACKEND_RESTARTED", timeout=30)
             time.sleep(0.5)
-        rx2 = result("rx2 md5", 900)
+        rx2 = result("rx2 md5", 600)
         threads[2].join(60)
         assert rx2 == results[5003], (rx2, results)
         print("net: 100 MiB host -> guest across 10 backend kills, md5 ok", flush=True)

@@ -158,14 +158,17 @@ impl KvmHost {
 }
 
 /// What the KVM host VM records for the post-mortem of an L2 triple fault
-/// (`tests/l1/kvm-trace`): `FLOTILLA_L1_KVM_TRACE=off|shutdown|full`, default `shutdown` (a
-/// kprobe that saves the L2 state KVM wipes before the VMM sees KVM_EXIT_SHUTDOWN; no cost
-/// until a triple fault); `full` also traces every kvm exit into a bounded ring.
+/// (`tests/l1/kvm-trace`): `FLOTILLA_L1_KVM_TRACE=shutdown|full`, default off. `shutdown` is a
+/// kprobe that saves the L2 state KVM wipes before the VMM sees KVM_EXIT_SHUTDOWN; `full` also
+/// traces every kvm exit into a bounded ring. Off by default because arming patches kernel
+/// text (int3 + cross-CPU sync) and, under QEMU's multi-threaded TCG, that hung the L1 (both
+/// CPUs in soft lockup on a patched site right after arming, 2026-11-22); with it the CI's
+/// first boot test lost its L1.
 fn kvm_trace_mode() -> Option<&'static str> {
     match std::env::var("FLOTILLA_L1_KVM_TRACE").as_deref() {
-        Ok("off") => None,
+        Ok("shutdown") => Some("shutdown"),
         Ok("full") => Some("full"),
-        _ => Some("shutdown"),
+        _ => None,
     }
 }
 

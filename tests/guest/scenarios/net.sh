@@ -11,6 +11,25 @@ wait_carrier() {
     for _ in $(seq 1200); do [ "$(carrier "$1")" = "$2" ] && return 0; sleep 0.1; done
     return 1
 }
+# Stall reporter: while a transfer runs (/tmp/xfer names it), when eth0's packet counters
+# stop moving for 20 s, print once what the guest sees (counters, the NIC's interrupts, the
+# TCP sockets' queues and retransmits), so a failed run says which side stopped.
+stats() { for c in rx_packets tx_packets rx_dropped tx_dropped; do printf '%s=%s ' $c "$(cat /sys/class/net/eth0/statistics/$c)"; done; }
+(
+    last="" still=0 told=0
+    while :; do
+        sleep 5
+        [ -e /tmp/xfer ] || { still=0 told=0; continue; }
+        now=$(stats)
+        if [ "$now" = "$last" ]; then still=$((still + 5)); else still=0 told=0; fi
+        last=$now
+        if [ "$still" -ge 20 ] && [ "$told" = 0 ]; then
+            told=1
+            echo "FLOTILLA-RESULT net stalled ${still}s in $(cat /tmp/xfer): $now irqs=[$(grep -i virtio /proc/interrupts | tr -s ' ' | tr '\n' ';')]"
+            echo "FLOTILLA-RESULT net stalled tcp=[$(tail -n +2 /proc/net/tcp | tr -s ' ' | tr '\n' ';')]"
+        fi
+    done
+) &
 ip link set lo up
 ip link set eth0 up && ip addr add 10.0.2.2/24 dev eth0
 ip link set eth1 up && ip addr add 10.0.3.2/24 dev eth1
@@ -18,12 +37,16 @@ echo "FLOTILLA-RESULT net macs eth0=$(cat /sys/class/net/eth0/address) eth1=$(ca
 wait_carrier eth0 1
 echo "FLOTILLA-RESULT net carrier eth0=$(carrier eth0) eth1=$(carrier eth1)"
 if ping -c 3 -W 10 10.0.2.1 >/dev/null; then echo "FLOTILLA-RESULT net ping0=ok"; else echo "FLOTILLA-RESULT net ping0=failed"; fi
+echo rx >/tmp/xfer
 echo "FLOTILLA-RESULT net rx md5=$(nc 10.0.2.1 5001 </dev/null | md5sum | cut -d' ' -f1)"
 dd if=/dev/urandom of=/tmp/chunk bs=1M count=1 2>/dev/null
 echo "FLOTILLA-RESULT net tx want=$(for i in $(seq 100); do cat /tmp/chunk; done | md5sum | cut -d' ' -f1)"
+echo tx >/tmp/xfer
 for i in $(seq 100); do cat /tmp/chunk; done | nc 10.0.2.1 5002 >/dev/null
 echo "FLOTILLA-RESULT net tx sent"
+echo rx2 >/tmp/xfer
 echo "FLOTILLA-RESULT net rx2 md5=$(nc 10.0.2.1 5003 </dev/null | md5sum | cut -d' ' -f1)"
+rm -f /tmp/xfer
 if wait_carrier eth1 1; then
     echo "FLOTILLA-RESULT net eth1 up"
     if ping -c 3 -W 10 10.0.3.1 >/dev/null; then echo "FLOTILLA-RESULT net ping1=ok"; else echo "FLOTILLA-RESULT net ping1=failed"; fi
