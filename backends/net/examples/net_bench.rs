@@ -168,7 +168,7 @@ impl Opts {
 fn usage(arg: &str) -> ! {
     eprintln!(
         "net_bench: bad argument {arg}\n\
-         usage: net_bench [--seconds N] [--runs N] [--only tx-mtu,rx-mtu,tx-tso,rx-tso] \
+         usage: net_bench [--seconds N] [--runs N] [--only tx-mtu,rx-mtu,tx-tso,rx-tso,drain-mtu,drain-tso] \
          [--poll] [--no-event-idx] [--sndbuf BYTES (0: kernel default)] [--ring 256|512|1024]"
     );
     std::process::exit(2)
@@ -178,6 +178,9 @@ fn usage(arg: &str) -> ! {
 enum Dir {
     Tx,
     Rx,
+    /// Receive from a tap filled beforehand: the read rate with no
+    /// generator competing for the CPUs.
+    Drain,
 }
 
 fn main() {
@@ -198,6 +201,8 @@ fn main() {
         ("rx-mtu", Dir::Rx, Size::Mtu),
         ("tx-tso", Dir::Tx, Size::Tso),
         ("rx-tso", Dir::Rx, Size::Tso),
+        ("drain-mtu", Dir::Drain, Size::Mtu),
+        ("drain-tso", Dir::Drain, Size::Tso),
     ];
     let mut table = Vec::new();
     for (name, dir, size) in rows {
@@ -211,6 +216,7 @@ fn main() {
             let (raw, net) = match dir {
                 Dir::Tx => (tx_raw(size, o.secs), tx_backend(size, &o)),
                 Dir::Rx => (rx_raw(size, &o), rx_backend(size, &o)),
+                Dir::Drain => (drain_raw(size), drain_backend(size, &o)),
             };
             let ratio = 100.0 * net.gbps() / raw.gbps();
             println!(
@@ -238,6 +244,7 @@ fn main() {
         let dir = match dir {
             Dir::Tx => "TX (guest → tap)",
             Dir::Rx => "RX (tap → guest)",
+            Dir::Drain => "RX, pre-filled tap",
         };
         println!(
             "| {dir} | {} | {:.0} K pkt/s, {raw:.1} Gbit/s | {:.0} K pkt/s, {net:.1} Gbit/s | {:.0} % ({lo:.0}–{hi:.0}) |",
@@ -496,44 +503,180 @@ fn rx_backend(size: Size, o: &Opts) -> Rate {
     let stop = Arc::new(AtomicBool::new(false));
     let gen = generator(&ns, size, sndbuf, stop.clone());
     let start = Instant::now();
-    let (mut n, mut bytes) = (0u64, 0u64);
-    let mut hdr = [0u8; VNET_HDR];
-    let mut remaining = 0u16;
+    let mut rx = Receiver::default();
     while start.elapsed() < o.secs {
-        let old = drv.rings[RX].avail_idx;
-        let mut got = 0;
-        while let Some((head, len)) = drv.try_used(RX) {
-            got += 1;
-            if remaining == 0 {
-                use vm_memory::Bytes;
-                drv.mem
-                    .read_slice(&mut hdr, vm_memory::GuestAddress(rx_addr(head)))
-                    .unwrap();
-                remaining = u16::from_le_bytes([hdr[10], hdr[11]]).max(1);
-                n += 1;
-                bytes += u64::from(len) - VNET_HDR as u64;
-            } else {
-                bytes += u64::from(len);
-            }
-            remaining -= 1;
-            post_rx(&mut drv);
-        }
-        if got > 0 {
-            drv.kick_if_needed(RX, old);
-            continue;
-        }
-        let seen = drv.rings[RX].used_seen;
-        drv.set_used_event(RX, seen);
-        if drv.used_idx(RX) == seen {
-            wait_call(&drv, RX);
+        if rx.take_used(&mut drv) == 0 {
+            sleep_until_used(&drv);
         }
     }
     let secs = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     gen.join().unwrap();
     Rate {
-        packets: n,
-        bytes,
+        packets: rx.frames,
+        bytes: rx.bytes,
         secs,
     }
+}
+
+/// The harness's receive side: counts frames (a mergeable frame spans the
+/// number of buffers its header says) and bytes.
+#[derive(Default)]
+struct Receiver {
+    frames: u64,
+    bytes: u64,
+    /// Buffers still to come of the current frame.
+    remaining: u16,
+}
+
+impl Receiver {
+    /// Takes every used buffer, reading each frame's header, gives the
+    /// buffers back at once and kicks if the device asked. Returns how many
+    /// buffers it took.
+    fn take_used(&mut self, drv: &mut Driver) -> usize {
+        let old = drv.rings[RX].avail_idx;
+        let mut got = 0;
+        let mut hdr = [0u8; VNET_HDR];
+        while let Some((head, len)) = drv.try_used(RX) {
+            got += 1;
+            if self.remaining == 0 {
+                use vm_memory::Bytes;
+                drv.mem
+                    .read_slice(&mut hdr, vm_memory::GuestAddress(rx_addr(head)))
+                    .unwrap();
+                self.remaining = u16::from_le_bytes([hdr[10], hdr[11]]).max(1);
+                self.frames += 1;
+                self.bytes += u64::from(len) - VNET_HDR as u64;
+            } else {
+                self.bytes += u64::from(len);
+            }
+            self.remaining -= 1;
+            post_rx(drv);
+        }
+        if got > 0 {
+            drv.kick_if_needed(RX, old);
+        }
+        got
+    }
+}
+
+/// Nothing left: asks for an interrupt at the next used buffer and sleeps
+/// until it comes (NAPI's re-enable and wait).
+fn sleep_until_used(drv: &Driver) {
+    let seen = drv.rings[RX].used_seen;
+    drv.set_used_event(RX, seen);
+    if drv.used_idx(RX) == seen {
+        wait_call(drv, RX);
+    }
+}
+
+/// Frames queued on the tap before a drain measurement: about 0.5–1 s of
+/// reading on this machine, and 1–4 GB of kernel memory while queued (the
+/// tap takes a queue of at most 2^19 frames).
+fn drain_frames(size: Size) -> usize {
+    match size {
+        Size::Mtu => 500_000,
+        Size::Tso => 60_000,
+    }
+}
+
+/// How long a drain waits for one more frame before it counts the tap as
+/// empty (the end time is the last frame's, not this timeout's).
+const DRAIN_IDLE: Duration = Duration::from_millis(100);
+
+/// Queues `frames` frames on the tap (its queue lengthened to hold them all;
+/// the tap orphans queued frames, so the socket's send buffer does not limit
+/// them) before anyone reads it. Returns how many went out.
+fn fill_tap(ns: &Netns, size: Size, frames: usize) -> usize {
+    ns.exec(&["ip", "link", "set", TAP, "txqueuelen", &frames.to_string()]);
+    let sock = ns.packet_socket(TAP, size == Size::Tso);
+    let mut msg = Vec::new();
+    if size == Size::Tso {
+        msg.extend_from_slice(&tso4_hdr10(1448));
+    }
+    msg.extend_from_slice(&size.frame());
+    (0..frames).filter(|_| sock.send(&msg).is_ok()).count()
+}
+
+/// The raw tap's read rate on its own: the tap is filled first, then read
+/// until it is empty.
+fn drain_raw(size: Size) -> Rate {
+    let ns = Netns::new();
+    let tap = ns.tap(TAP);
+    set_tap(&tap, size);
+    // SAFETY: fcntl on a tap fd we own.
+    unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    fill_tap(&ns, size, drain_frames(size));
+    let mut bufs = vec![vec![0u8; 70_000]; 16];
+    let start = Instant::now();
+    let mut last = start;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    loop {
+        let buf = &mut bufs[n as usize % 16];
+        // SAFETY: buf is valid for writes of its length.
+        let r = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r > 0 {
+            n += 1;
+            bytes += r as u64 - VNET_HDR as u64;
+            last = Instant::now();
+        } else if last.elapsed() >= DRAIN_IDLE {
+            break;
+        }
+    }
+    Rate {
+        packets: n,
+        bytes,
+        secs: (last - start).as_secs_f64(),
+    }
+}
+
+/// flotilla-net draining a pre-filled tap: the backend is attached with an
+/// empty receive ring, the tap is filled, then the harness posts the ring
+/// and kicks, and receives as in [`rx_backend`] until the frames stop.
+fn drain_backend(size: Size, o: &Opts) -> Rate {
+    let ns = Netns::new();
+    let tap = ns.tap(TAP);
+    let (backend, stream) = spawn_backend(&tap, o);
+    let mut drv = Driver::with_ring_size(stream, features_for(size, o), o.ring);
+    fill_tap(&ns, size, drain_frames(size));
+    let ticks = tree_cpu_ticks(backend.child.id());
+    let harness = thread_cpu();
+    let start = Instant::now();
+    for _ in 0..o.ring {
+        post_rx(&mut drv);
+    }
+    drv.kick(RX);
+    let mut last = start;
+    let mut rx = Receiver::default();
+    while last.elapsed() < DRAIN_IDLE {
+        if rx.take_used(&mut drv) > 0 {
+            last = Instant::now();
+        } else {
+            sleep_until_used(&drv);
+        }
+    }
+    let secs = (last - start).as_secs_f64();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let backend_cpu = (tree_cpu_ticks(backend.child.id()) - ticks) as f64 / hz;
+    println!(
+        "#   flotilla-net drain: backend {:.0} % of a CPU, harness {:.0} %",
+        100.0 * backend_cpu / secs,
+        100.0 * (thread_cpu() - harness).as_secs_f64() / secs
+    );
+    Rate {
+        packets: rx.frames,
+        bytes: rx.bytes,
+        secs,
+    }
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    // SAFETY: rusage is plain old data, filled by the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid rusage to fill.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
