@@ -88,10 +88,10 @@ def main():
     for t in threads:
         t.start()
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=net"
-    # One vCPU: both L2 triple faults seen in these long I/O runs were on vCPU 1 of a
+    # One vCPU: the L2 triple faults seen in these long I/O runs were all on vCPU 1 of a
     # 2-vCPU guest, with L1's KVM then stuck in kvm_vcpu_reset (nested SVM under TCG, see
     # tests/README.md "Platform failures"); multi-vCPU guests are covered by the boot,
-    # lifecycle, hotplug and balloon tests.
+    # lifecycle and balloon tests.
     vm = subprocess.Popen(
         [a.flotilla, "-name", "net", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "256", "-smp", "1", "-serial", f"file:{serial}",
