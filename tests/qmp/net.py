@@ -74,6 +74,26 @@ def diagnose(q):
     for cmd in (["ss", "-tni"], ["ip", "-s", "link", "show", "fltap0"]):
         out = subprocess.run(cmd, capture_output=True, text=True)
         print(f"{' '.join(cmd)}:\n{out.stdout}{out.stderr}", flush=True)
+    # Whether the guest's vCPU is running, halted in KVM, or held in the VM core: each
+    # flotilla-vmm thread's state and kernel stack on the KVM host.
+    # Twice, 2 s apart: a spinning thread's utime moves, a blocked one's does not.
+    pids = subprocess.run(["pgrep", "-x", "flotilla-vmm"], capture_output=True, text=True).stdout.split()
+    for sample in (1, 2):
+        if sample == 2:
+            time.sleep(2)
+        for pid in pids:
+            for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+                def read(name):
+                    try:
+                        with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                            return f.read().strip()
+                    except OSError as e:
+                        return f"({e.strerror})"
+                stat = read("stat").rsplit(")", 1)[-1].split()
+                print(f"sample {sample}: flotilla-vmm {pid} thread {tid} {read('comm')}: "
+                      f"state {stat[0] if stat else '?'} utime {stat[11] if len(stat) > 12 else '?'} "
+                      f"wchan {read('wchan')} stack [{read('stack').replace(chr(10), ' | ')}]",
+                      flush=True)
 
 
 def main():
