@@ -15,9 +15,9 @@ use crate::vstate::memory::GuestMemory;
 pub const VIRTIO_ID_NET: u32 = 1;
 /// Most entries of the receive and the transmit queue (a Linux driver takes the maximum).
 ///
-/// The maximum is 256. With 1024 (as QEMU allows with `rx_queue_size`/`tx_queue_size`) the native benchmark
-/// gained 10–16 points on transmit 1514 B and receive TSO (docs/PERFORMANCE.md, "ring 256
-/// vs 1024"), but the network e2e then failed twice in four runs with the guest frozen in
+/// The maximum is 256. With 1024 (as QEMU allows with `rx_queue_size`/`tx_queue_size`)
+/// the native benchmark gained 10–16 points on transmit 1514 B and receive TSO
+/// (docs/PERFORMANCE.md, "ring 256 vs 1024"), but the network e2e then failed twice in four runs with the guest frozen in
 /// the middle of its 100 MiB transmit (rings idle on the device side, the guest's used_event
 /// behind the used index on both queues); it had not been seen with 256. Back to 256 until
 /// a loop of tests/tests/network.rs passes with 1024 (flotilla-net still accepts up to 1024).
