@@ -9,6 +9,7 @@ third 100 MiB host -> guest transfer while the backend is SIGKILLed 10 times sti
 arrives intact; eth1 hot-plugged with netdev_add + device_add (link up, ping), then
 device_del (DEVICE_DELETED, link down, backend reaped). Prints NET-OK on success.
 """
+import glob
 import hashlib
 import os
 import socket
@@ -78,9 +79,24 @@ def diagnose(q):
     # flotilla-vmm thread's state and kernel stack on the KVM host.
     # Twice, 2 s apart: a spinning thread's utime moves, a blocked one's does not.
     pids = subprocess.run(["pgrep", "-x", "flotilla-vmm"], capture_output=True, text=True).stdout.split()
+    # And KVM's exit counters per vCPU: a vCPU at 100 % in KVM_RUN whose `exits` race is
+    # caught in an exit loop on the KVM host; one whose counters stand still spins in the guest.
+    if not os.path.isdir("/sys/kernel/debug/kvm"):
+        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], capture_output=True)
+    stats = ("exits", "halt_exits", "irq_exits", "irq_injections", "nmi_injections",
+             "io_exits", "mmio_exits", "signal_exits", "request_irq_exits", "irq_window_exits")
     for sample in (1, 2):
         if sample == 2:
             time.sleep(2)
+        for vdir in sorted(glob.glob("/sys/kernel/debug/kvm/*/vcpu*")):
+            counts = []
+            for name in stats:
+                try:
+                    with open(f"{vdir}/{name}") as f:
+                        counts.append(f"{name}={f.read().strip()}")
+                except OSError:
+                    pass
+            print(f"sample {sample}: kvm {vdir}: {' '.join(counts)}", flush=True)
         for pid in pids:
             for tid in sorted(os.listdir(f"/proc/{pid}/task")):
                 def read(name):

@@ -17,10 +17,10 @@ pub const VIRTIO_ID_NET: u32 = 1;
 ///
 /// The maximum is 256. With 1024 (as QEMU allows with `rx_queue_size`/`tx_queue_size`)
 /// the native benchmark gained 10–16 points on transmit 1514 B and receive TSO
-/// (docs/PERFORMANCE.md, "ring 256 vs 1024"), but the network e2e then failed twice in four runs with the guest frozen in
-/// the middle of its 100 MiB transmit (rings idle on the device side, the guest's used_event
-/// behind the used index on both queues); it had not been seen with 256. Back to 256 until
-/// a loop of tests/tests/network.rs passes with 1024 (flotilla-net still accepts up to 1024).
+/// (docs/PERFORMANCE.md, "ring 256 vs 1024"). It was reverted when the network e2e froze
+/// its guest twice in four runs with it; a later run with 256 lost its guest the same way
+/// (tests/README.md "Platform failures"), so the ring size is not the cause as far as is
+/// known, but 256 is what every earlier e2e run used. flotilla-net accepts up to 1024.
 pub const QUEUE_SIZE: u16 = 256;
 /// `struct virtio_net_config` up to `mtu`.
 pub const CONFIG_LEN: usize = 12;
