@@ -124,7 +124,7 @@ def main():
     for t in threads:
         t.start()
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=net"
-    # One vCPU: the L2 triple faults seen in these long I/O runs were all on vCPU 1 of a
+    # One vCPU: the first L2 triple faults seen in these long I/O runs were all on vCPU 1 of a
     # 2-vCPU guest, with L1's KVM then stuck in kvm_vcpu_reset (nested SVM under TCG, see
     # tests/README.md "Platform failures"); multi-vCPU guests are covered by the boot,
     # lifecycle and balloon tests.

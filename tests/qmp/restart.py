@@ -32,7 +32,7 @@ def main():
     qmp_path, serial = f"{run}/qmp.sock", f"{run}/serial.log"
     append = (f"console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=blk-stamp "
               f"flotilla.disk=vda flotilla.seconds={a.seconds} flotilla.blocks=1024")
-    # One vCPU: the L2 triple faults seen in these long I/O runs were all on vCPU 1 of a
+    # One vCPU: the first L2 triple faults seen in these long I/O runs were all on vCPU 1 of a
     # 2-vCPU guest, with L1's KVM then stuck in kvm_vcpu_reset (nested SVM under TCG, see
     # tests/README.md "Platform failures"); multi-vCPU guests are covered by the boot,
     # lifecycle and balloon tests.
