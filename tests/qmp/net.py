@@ -144,10 +144,12 @@ def main():
         def result(key, timeout=300):
             whole = lambda: [l for l in log().splitlines() if f"FLOTILLA-RESULT net {key}" in l]
             try:
-                wait_for(f"guest result '{key}'", lambda: whole(), timeout)
+                wait_for(f"guest result '{key}'", lambda: whole() or vm.poll() is not None, timeout)
             except TimeoutError:
                 diagnose(q)
                 raise
+            if not whole():
+                raise RuntimeError(f"the VM exited (status {vm.poll()}) before guest result '{key}'")
             return whole()[-1].split(f"net {key}", 1)[1].strip().lstrip("=")
 
         macs = result("macs", 120)
