@@ -124,8 +124,8 @@ def main():
     for t in threads:
         t.start()
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=net"
-    # Two vCPUs: with one, the guest died (triple fault or freeze) in 5 of 10 runs, mostly
-    # seconds into its transmit; with two it passed the runs before and after (tests/README.md
+    # Two vCPUs. With one the guest died (triple fault or freeze) in 5 of 10 runs, mostly
+    # seconds into its transmit, with two in 2 of 4: not the vCPU count (tests/README.md
     # "Platform failures").
     vm = subprocess.Popen(
         [a.flotilla, "-name", "net", "-kernel", a.kernel, "-initrd", a.initrd,
