@@ -137,6 +137,18 @@ def reader(path):
     return read
 
 
+def dump_devices(q, ids):
+    """After a timeout: the backends and each device's rings as the core reads them from
+    guest memory (which side of a stalled device stopped). Diagnostics only: errors are
+    printed, never raised, so they cannot hide the timeout."""
+    for cmd, args in [("flotilla-query-backends", {})] + [
+            ("x-flotilla-query-virtqueues", {"id": i}) for i in ids]:
+        try:
+            print(f"{cmd} {args}: {q.cmd(cmd, **args)}", flush=True)
+        except Exception as e:
+            print(f"{cmd} {args}: {e}", flush=True)
+
+
 def finish(procs, serial, run, tail=4000):
     """Kills what still runs, shows the end of the guest's serial log, removes `run`."""
     import subprocess

@@ -17,7 +17,8 @@ import subprocess
 import threading
 import time
 
-from flotilla_qmp import alive, connect_unix, wait_for, driver_args, finish, reader, run_dir
+from flotilla_qmp import (alive, connect_unix, dump_devices, wait_for, driver_args, finish, reader,
+                          run_dir)
 
 MIB = 1 << 20
 
@@ -64,52 +65,56 @@ def receiver(port, result, mib=100):
 
 
 def diagnose(q):
-    """After a timeout: which side stopped. The NICs' rings as the core reads them from guest
-    memory, the backends, and the host end of the TCP connections and the tap's counters."""
-    for cmd, args in [("flotilla-query-backends", {})] + [
-            ("x-flotilla-query-virtqueues", {"id": nic}) for nic in ("nic0", "net1")]:
-        try:
-            print(f"{cmd} {args}: {q.cmd(cmd, **args)}", flush=True)
-        except Exception as e:  # diagnostics only: never hide the timeout
-            print(f"{cmd} {args}: {e}", flush=True)
+    """After a timeout: which side stopped. The NICs' rings and backends (the core's view),
+    the host end of the TCP connections and the tap, then whether the guest's vCPU runs:
+    KVM's exit counters and the VM core's threads, sampled twice 2 s apart."""
+    dump_devices(q, ["nic0", "net1"])
     for cmd in (["ss", "-tni"], ["ip", "-s", "link", "show", "fltap0"]):
         out = subprocess.run(cmd, capture_output=True, text=True)
         print(f"{' '.join(cmd)}:\n{out.stdout}{out.stderr}", flush=True)
-    # Whether the guest's vCPU is running, halted in KVM, or held in the VM core: each
-    # flotilla-vmm thread's state and kernel stack on the KVM host.
-    # Twice, 2 s apart: a spinning thread's utime moves, a blocked one's does not.
-    pids = subprocess.run(["pgrep", "-x", "flotilla-vmm"], capture_output=True, text=True).stdout.split()
-    # And KVM's exit counters per vCPU: a vCPU at 100 % in KVM_RUN whose `exits` race is
-    # caught in an exit loop on the KVM host; one whose counters stand still spins in the guest.
-    if not os.path.isdir("/sys/kernel/debug/kvm"):
-        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], capture_output=True)
-    stats = ("exits", "halt_exits", "irq_exits", "irq_injections", "nmi_injections",
-             "io_exits", "mmio_exits", "signal_exits", "request_irq_exits", "irq_window_exits")
     for sample in (1, 2):
         if sample == 2:
             time.sleep(2)
-        for vdir in sorted(glob.glob("/sys/kernel/debug/kvm/*/vcpu*")):
-            counts = []
-            for name in stats:
-                try:
-                    with open(f"{vdir}/{name}") as f:
-                        counts.append(f"{name}={f.read().strip()}")
-                except OSError:
-                    pass
-            print(f"sample {sample}: kvm {vdir}: {' '.join(counts)}", flush=True)
-        for pid in pids:
-            for tid in sorted(os.listdir(f"/proc/{pid}/task")):
-                def read(name):
-                    try:
-                        with open(f"/proc/{pid}/task/{tid}/{name}") as f:
-                            return f.read().strip()
-                    except OSError as e:
-                        return f"({e.strerror})"
-                stat = read("stat").rsplit(")", 1)[-1].split()
-                print(f"sample {sample}: flotilla-vmm {pid} thread {tid} {read('comm')}: "
-                      f"state {stat[0] if stat else '?'} utime {stat[11] if len(stat) > 12 else '?'} "
-                      f"wchan {read('wchan')} stack [{read('stack').replace(chr(10), ' | ')}]",
-                      flush=True)
+        print_kvm_exits(sample)
+        print_vmm_threads(sample)
+
+
+KVM_STATS = ("exits", "halt_exits", "irq_exits", "irq_injections", "nmi_injections",
+             "io_exits", "mmio_exits", "signal_exits", "request_irq_exits", "irq_window_exits")
+
+
+def print_kvm_exits(sample):
+    """KVM's per-vCPU exit counters (debugfs): a vCPU at 100 % in KVM_RUN whose `exits` race
+    is caught in an exit loop on the KVM host; one whose counters stand still spins in the
+    guest."""
+    if not os.path.isdir("/sys/kernel/debug/kvm"):
+        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], capture_output=True)
+    for vdir in sorted(glob.glob("/sys/kernel/debug/kvm/*/vcpu*")):
+        counts = [f"{name}={v}" for name in KVM_STATS if (v := read_text(f"{vdir}/{name}")) is not None]
+        print(f"sample {sample}: kvm {vdir}: {' '.join(counts)}", flush=True)
+
+
+def print_vmm_threads(sample):
+    """Each flotilla-vmm thread's state, utime and kernel stack: a vCPU running, halted in KVM
+    or held in the VM core (a spinning thread's utime moves between samples)."""
+    pids = subprocess.run(["pgrep", "-x", "flotilla-vmm"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+            task = f"/proc/{pid}/task/{tid}"
+            stat = (read_text(f"{task}/stat") or "").rsplit(")", 1)[-1].split()
+            stack = (read_text(f"{task}/stack") or "?").replace("\n", " | ")
+            print(f"sample {sample}: flotilla-vmm {pid} thread {tid} {read_text(f'{task}/comm')}: "
+                  f"state {stat[0] if stat else '?'} utime {stat[11] if len(stat) > 12 else '?'} "
+                  f"wchan {read_text(f'{task}/wchan')} stack [{stack}]", flush=True)
+
+
+def read_text(path):
+    """A small /proc or debugfs file, stripped; None if it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def main():

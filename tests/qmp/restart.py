@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 
-from flotilla_qmp import alive, connect_unix, wait_for, driver_args, finish, reader, run_dir
+from flotilla_qmp import alive, connect_unix, dump_devices, wait_for, driver_args, finish, reader, run_dir
 
 KILLS = [("SIGKILL", signal.SIGKILL), ("SIGSEGV", signal.SIGSEGV), ("SIGABRT", signal.SIGABRT)]
 
@@ -70,13 +70,7 @@ def main():
         try:
             wait_for("the guest to finish", lambda: "stamp done" in log(), a.seconds + 120)
         except TimeoutError:
-            # Which side stopped: the rings as the core sees them, the backend's state.
-            for cmd, args in [("flotilla-query-backends", None),
-                              ("x-flotilla-query-virtqueues", {"id": "disk0"})]:
-                try:
-                    print(f"{cmd}: {q.cmd(cmd, **(args or {}))}", flush=True)
-                except Exception as e:  # diagnostics only: never hide the timeout
-                    print(f"{cmd}: {e}", flush=True)
+            dump_devices(q, ["disk0"])
             raise
         m = re.search(r"stamp done gens=(\d+) io_errors=(\d+) mismatched_blocks=(\d+)", log())
         total, errors, mismatched = map(int, m.groups())
