@@ -216,7 +216,7 @@ fn main() {
             let (raw, net) = match dir {
                 Dir::Tx => (tx_raw(size, o.secs), tx_backend(size, &o)),
                 Dir::Rx => (rx_raw(size, &o), rx_backend(size, &o)),
-                Dir::Drain => (drain_raw(size), drain_backend(size, &o)),
+                Dir::Drain => (drain_raw(size, &o), drain_backend(size, &o)),
             };
             let ratio = 100.0 * net.gbps() / raw.gbps();
             println!(
@@ -447,6 +447,54 @@ fn generator(
     })
 }
 
+/// Where the raw reader puts frames: the harness's receive buffers, laid
+/// out the same (`ring` buffers of [`RX_BUF`] bytes, page-aligned, in
+/// memfd memory), each frame read whole at the buffer flotilla-net would
+/// start it in and taking as many buffers as it fills.
+///
+/// So the raw and flotilla-net sides copy frames to the same addresses.
+/// That matters: a tap read into the start of a page (the header takes
+/// its first 12 bytes) ran at about 70 % of the rate of one into a buffer
+/// 20–60 bytes further on, here, and the raw reader's own heap buffers
+/// measured that faster copy (docs/PERFORMANCE.md, "Drain").
+struct RawRing {
+    mem: vm_memory::GuestMemoryMmap<()>,
+    /// Buffers in the ring, and the one the next frame starts in.
+    len: u64,
+    at: u64,
+}
+
+impl RawRing {
+    fn new(ring: u16) -> Self {
+        let len = u64::from(ring);
+        // One largest read of slack past the last buffer: a frame is read
+        // whole wherever it starts.
+        let size = (len * u64::from(RX_BUF)) as usize + MAX_READ;
+        let (mem, _file) = flotilla_backend::test_support::memfd_guest_memory(c"raw-ring", size);
+        RawRing { mem, len, at: 0 }
+    }
+
+    /// Reads one frame from `tap` into the next buffers.
+    fn read(&mut self, tap: &OwnedFd) -> isize {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        let addr = GuestAddress(self.at * u64::from(RX_BUF));
+        let slice = self
+            .mem
+            .get_slice(addr, MAX_READ)
+            .expect("inside the raw ring");
+        let buf = slice.ptr_guard_mut().as_ptr();
+        // SAFETY: buf is MAX_READ bytes of our own mapping.
+        let r = unsafe { libc::read(tap.as_raw_fd(), buf.cast(), MAX_READ) };
+        if r > 0 {
+            self.at = (self.at + (r as u64).div_ceil(u64::from(RX_BUF))) % self.len;
+        }
+        r
+    }
+}
+
+/// Largest read the raw side makes (a 64 KB GSO frame and its header).
+const MAX_READ: usize = 70_000;
+
 fn rx_raw(size: Size, o: &Opts) -> Rate {
     let (d, sndbuf) = (o.secs, o.sndbuf);
     let ns = Netns::new();
@@ -454,14 +502,11 @@ fn rx_raw(size: Size, o: &Opts) -> Rate {
     set_tap(&tap, size);
     let stop = Arc::new(AtomicBool::new(false));
     let gen = generator(&ns, size, sndbuf, stop.clone());
-    // 1 MiB of receive buffers, as the harness's ring (256 x 4 KiB).
-    let mut bufs = vec![vec![0u8; 70_000]; 16];
+    let mut ring = RawRing::new(o.ring);
     let start = Instant::now();
     let (mut n, mut bytes) = (0u64, 0u64);
     while start.elapsed() < d {
-        let buf = &mut bufs[n as usize % 16];
-        // SAFETY: buf is valid for writes of its length.
-        let r = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r = ring.read(&tap);
         if r > 0 {
             n += 1;
             bytes += r as u64 - VNET_HDR as u64;
@@ -600,21 +645,20 @@ fn fill_tap(ns: &Netns, size: Size, frames: usize) -> usize {
 
 /// The raw tap's read rate on its own: the tap is filled first, then read
 /// until it is empty.
-fn drain_raw(size: Size) -> Rate {
+fn drain_raw(size: Size, o: &Opts) -> Rate {
     let ns = Netns::new();
     let tap = ns.tap(TAP);
     set_tap(&tap, size);
     // SAFETY: fcntl on a tap fd we own.
     unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     fill_tap(&ns, size, drain_frames(size));
-    let mut bufs = vec![vec![0u8; 70_000]; 16];
+    let mut ring = RawRing::new(o.ring);
+    let window = monotonic_secs();
     let start = Instant::now();
     let mut last = start;
     let (mut n, mut bytes) = (0u64, 0u64);
     loop {
-        let buf = &mut bufs[n as usize % 16];
-        // SAFETY: buf is valid for writes of its length.
-        let r = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r = ring.read(&tap);
         if r > 0 {
             n += 1;
             bytes += r as u64 - VNET_HDR as u64;
@@ -623,6 +667,10 @@ fn drain_raw(size: Size) -> Rate {
             break;
         }
     }
+    println!(
+        "#   raw drain: window {window:.3},{:.3} (CLOCK_MONOTONIC)",
+        window + (last - start).as_secs_f64()
+    );
     Rate {
         packets: n,
         bytes,
@@ -641,6 +689,7 @@ fn drain_backend(size: Size, o: &Opts) -> Rate {
     fill_tap(&ns, size, drain_frames(size));
     let ticks = tree_cpu_ticks(backend.child.id());
     let harness = thread_cpu();
+    let window = monotonic_secs();
     let start = Instant::now();
     for _ in 0..o.ring {
         post_rx(&mut drv);
@@ -660,15 +709,28 @@ fn drain_backend(size: Size, o: &Opts) -> Rate {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let backend_cpu = (tree_cpu_ticks(backend.child.id()) - ticks) as f64 / hz;
     println!(
-        "#   flotilla-net drain: backend {:.0} % of a CPU, harness {:.0} %",
+        "#   flotilla-net drain: backend {:.0} % of a CPU, harness {:.0} %; \
+         window {window:.3},{:.3} (CLOCK_MONOTONIC, for `perf record -k 1` + `perf report --time`)",
         100.0 * backend_cpu / secs,
-        100.0 * (thread_cpu() - harness).as_secs_f64() / secs
+        100.0 * (thread_cpu() - harness).as_secs_f64() / secs,
+        window + secs,
     );
     Rate {
         packets: rx.frames,
         bytes: rx.bytes,
         secs,
     }
+}
+
+/// CLOCK_MONOTONIC in seconds: the clock `perf record -k 1` stamps samples with.
+fn monotonic_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// CPU time the calling thread has used.
