@@ -108,6 +108,30 @@ def print_vmm_threads(sample):
                   f"wchan {read_text(f'{task}/wchan')} stack [{stack}]", flush=True)
 
 
+# The L1 kernel's page-moving counters. A guest page KVM has mapped that the host kernel
+# migrates (compaction, THP collapse/split, NUMA balancing) must leave the L2 guest's
+# nested TLB too; network transfers make the high-order allocations that trigger
+# compaction, so a guest that dies mid-transfer is checked against these.
+VMSTAT_KEYS = ("pgmigrate_success", "pgmigrate_fail", "compact_stall", "compact_daemon_wake",
+               "compact_migrate_scanned", "thp_fault_alloc", "thp_collapse_alloc", "thp_split_pmd",
+               "numa_pte_updates", "pswpout")
+
+
+def vm_events():
+    """The VMSTAT_KEYS counters of /proc/vmstat."""
+    pairs = (line.split() for line in (read_text("/proc/vmstat") or "").splitlines())
+    return {k: int(v) for k, v in pairs if k in VMSTAT_KEYS}
+
+
+def print_vm_events(label, since):
+    """The VMSTAT_KEYS counters that moved since `since` (a vm_events())."""
+    now = vm_events()
+    moved = " ".join(f"{k}+{now[k] - since.get(k, 0)}" for k in VMSTAT_KEYS
+                     if now.get(k, 0) != since.get(k, 0))
+    print(f"net: L1 vmstat during {label}: {moved or 'nothing moved'}", flush=True)
+    return now
+
+
 def read_text(path):
     """A small /proc or debugfs file, stripped; None if it cannot be read."""
     try:
@@ -150,12 +174,15 @@ def main():
             try:
                 wait_for(f"guest result '{key}'", lambda: whole() or vm.poll() is not None, timeout)
             except TimeoutError:
+                print_vm_events(f"the step to '{key}' (timed out)", events[0])
                 diagnose(q)
                 raise
             if not whole():
+                print_vm_events(f"the step to '{key}' (VM exited)", events[0])
                 raise RuntimeError(f"the VM exited (status {vm.poll()}) before guest result '{key}'")
             return whole()[-1].split(f"net {key}", 1)[1].strip().lstrip("=")
 
+        events = [vm_events()]  # since the last step that printed them
         macs = result("macs", 120)
         assert "eth0=52:54:00:12:34:56" in macs, macs
         assert result("carrier") == "eth0=1 eth1=0", log()
@@ -164,12 +191,14 @@ def main():
         t0 = time.time()
         rx = result("rx md5")
         threads[0].join(60)
+        events[0] = print_vm_events("boot and host -> guest", events[0])
         assert rx == results[5001], (rx, results)
         print(f"net: 100 MiB host -> guest in {time.time() - t0:.1f} s, md5 ok", flush=True)
         want = result("tx want")
         t0 = time.time()
         result("tx sent")
         threads[1].join(60)
+        events[0] = print_vm_events("guest -> host", events[0])
         assert results.get(5002) == want, (want, results)
         print(f"net: 100 MiB guest -> host in {time.time() - t0:.1f} s, md5 ok", flush=True)
 
@@ -184,6 +213,7 @@ def main():
             q.event("FLOTILLA_BACKEND_RESTARTED", timeout=30)
             time.sleep(0.5)
         rx2 = result("rx2 md5", 600)
+        events[0] = print_vm_events("host -> guest across kills", events[0])
         threads[2].join(60)
         assert rx2 == results[5003], (rx2, results)
         print("net: 100 MiB host -> guest across 10 backend kills, md5 ok", flush=True)

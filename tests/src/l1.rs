@@ -135,36 +135,30 @@ impl L1Vm {
             .context(|| format!("duplicating {}", qemu_log.display()))?;
 
         let mut cmd = Command::new(paths::qemu_binary());
-        cmd.args([
-            "-M",
-            "microvm,acpi=on",
-            "-accel",
-            tcg_accel(),
-            "-cpu",
-            "max",
-        ])
-        .args(["-m", &L1_MEM_MIB.to_string(), "-smp", &L1_CPUS.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&images.kernel)
-        .arg("-initrd")
-        .arg(&images.initramfs)
-        .arg("-append")
-        .arg(l1_cmdline(images))
-        .arg("-serial")
-        .arg(format!("file:{}", console_log.display()))
-        .arg("-chardev")
-        .arg(format!("socket,id=agent,path={}", socket.display()))
-        // microvm instantiates one ISA serial port; the agent's is COM2.
-        .args(["-device", "isa-serial,chardev=agent,iobase=0x2f8,irq=3"])
-        .args([
-            "-fsdev",
-            "local,id=fs0,path=/,security_model=none,readonly=on,multidevs=remap",
-        ])
-        .args(["-device", "virtio-9p-device,fsdev=fs0,mount_tag=hostroot"])
-        .stdin(Stdio::null())
-        .stdout(qemu_out)
-        .stderr(qemu_err);
+        cmd.args(["-M", "microvm,acpi=on", "-accel", tcg_accel(), "-cpu"])
+            .arg(l1_cpu())
+            .args(["-m", &L1_MEM_MIB.to_string(), "-smp", &L1_CPUS.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&images.kernel)
+            .arg("-initrd")
+            .arg(&images.initramfs)
+            .arg("-append")
+            .arg(l1_cmdline(images))
+            .arg("-serial")
+            .arg(format!("file:{}", console_log.display()))
+            .arg("-chardev")
+            .arg(format!("socket,id=agent,path={}", socket.display()))
+            // microvm instantiates one ISA serial port; the agent's is COM2.
+            .args(["-device", "isa-serial,chardev=agent,iobase=0x2f8,irq=3"])
+            .args([
+                "-fsdev",
+                "local,id=fs0,path=/,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .args(["-device", "virtio-9p-device,fsdev=fs0,mount_tag=hostroot"])
+            .stdin(Stdio::null())
+            .stdout(qemu_out)
+            .stderr(qemu_err);
         let child = process::spawn_persistent(cmd)?;
         // From here on `guard` kills QEMU on every early return.
         let mut guard = ChildGuard(Some(child));
@@ -462,6 +456,11 @@ fn tcg_accel() -> &'static str {
     }
 }
 
+/// The L1's CPU model: `FLOTILLA_L1_CPU` (a QEMU `-cpu` value), else `max`.
+fn l1_cpu() -> String {
+    std::env::var("FLOTILLA_L1_CPU").unwrap_or_else(|_| "max".to_string())
+}
+
 /// The L1 kernel command line.
 ///
 /// `tsc_early_khz` (+ `tsc=reliable`, `lpj`): without them the kernel
@@ -474,6 +473,9 @@ fn tcg_accel() -> &'static str {
 ///
 /// `earlyprintk` and no `quiet`: the console log is a file, cheap to write,
 /// and shows where a stuck boot stopped.
+///
+/// `FLOTILLA_L1_APPEND` adds to it, for experiments on the L1 kernel (e.g.
+/// `transparent_hugepage=never`); CI does not set it.
 fn l1_cmdline(images: &Images) -> String {
     let mut cmdline = String::from("console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1");
     if let Some(khz) = host_tsc_khz() {
@@ -486,6 +488,10 @@ fn l1_cmdline(images: &Images) -> String {
         if let Some(hz) = hz.filter(|&hz| hz > 0) {
             cmdline.push_str(&format!(" lpj={}", khz * 1000 / hz));
         }
+    }
+    if let Ok(extra) = std::env::var("FLOTILLA_L1_APPEND") {
+        cmdline.push(' ');
+        cmdline.push_str(&extra);
     }
     cmdline
 }

@@ -6,17 +6,11 @@
 //! guest kick (new buffers) restarts reading.
 //!
 //! Frames go straight from the tap into guest memory with one `readv`
-//! over the iovecs of the popped chains. Without MRG_RXBUF that is one
-//! chain. With it, a frame may need as many chains as 64 KiB takes, but
-//! handing all of them to every `readv` makes the kernel import a dozen
-//! or more iovecs (and allocate past eight) for what is mostly an
-//! MTU-sized frame: so the `readv` covers only the chains the recent
-//! frames needed, plus a bounce buffer for the rest, and the rare frame
-//! that spills is copied on into the chains already popped for it. Only
-//! when the guest has posted less room than a largest frame does a whole
-//! frame go through the bounce buffer, to be copied once its length is
-//! known (and kept until the guest posts enough, or dropped if the whole
-//! ring cannot hold it).
+//! over the iovecs of the popped chains: with MRG_RXBUF over as many
+//! chains as a 64 KiB frame could need, without it into one chain. Only
+//! when the guest has posted less room than that does a frame go through a
+//! bounce buffer, to be copied once its length is known (and kept until
+//! the guest posts enough, or dropped if the whole ring cannot hold it).
 //!
 //! Chains are completed strictly in the order they were popped, good or
 //! bad: after a backend crash the core restarts the ring at the used
@@ -52,9 +46,6 @@ const MAX_CHAIN_SEGMENTS: usize = 64;
 const MAX_IOVECS: usize = 1024;
 /// Guest-triggered warnings: at most this many per second.
 const WARN_BURST: u32 = 10;
-/// The frame size the direct part of a merged-buffer `readv` is sized
-/// for until frames say otherwise: an Ethernet MTU frame and its header.
-const FIRST_GUESS: usize = HEADER_LEN + 1514;
 
 /// A popped receive chain.
 #[derive(Debug, Clone)]
@@ -79,8 +70,6 @@ struct Popped {
     room: usize,
     /// A bad chain is queued: pop nothing more until it is at the front.
     blocked: bool,
-    /// The iovecs of a merged-buffer `readv` (scratch, reused).
-    readv: Vec<libc::iovec>,
     /// (head, length) of the frame being completed (scratch, reused).
     used: Vec<(u16, u32)>,
     /// Used index when the driver was last considered for an interrupt.
@@ -130,9 +119,6 @@ pub struct RxQueue {
     bounce: Vec<u8>,
     /// Length of a frame waiting in `bounce` for guest buffers.
     pending: Option<usize>,
-    /// Bytes the direct part of a merged-buffer `readv` covers: jumps to
-    /// a larger frame at once (a spill costs a copy), decays slowly.
-    expect: usize,
     /// Busy-poll the tap (or the avail ring) for [`POLL_TIME`] when a
     /// pass runs dry, before sleeping.
     poll: bool,
@@ -148,7 +134,6 @@ impl RxQueue {
             warn: Mutex::new(RateLimiter::new(WARN_BURST, Duration::from_secs(1))),
             bounce: vec![0u8; MAX_BUFFER],
             pending: None,
-            expect: FIRST_GUESS,
             poll,
         }
     }
@@ -288,21 +273,14 @@ impl RxQueue {
                 continue;
             }
             let direct = !mrg || p.room >= MAX_BUFFER;
-            // (chains the readv reaches directly, bytes they take, bytes
-            // the readv takes in all)
-            let (reach, direct_room, capacity) = if !mrg {
-                let c = &p.chains[0];
-                (1, c.len, c.len)
-            } else if direct {
-                self.merged_iovecs(p)
-            } else {
-                (0, 0, self.bounce.len())
-            };
-            let result = if !mrg {
-                let c = &p.chains[0];
-                self.tap.readv(&p.iov[c.start..c.end])
-            } else if direct {
-                self.tap.readv(&p.readv)
+            let result = if direct {
+                let start = p.chains[0].start;
+                let end = if mrg {
+                    self.good_prefix_end(p)
+                } else {
+                    p.chains[0].end
+                };
+                self.tap.readv(&p.iov[start..end])
             } else {
                 let iov = [libc::iovec {
                     iov_base: self.bounce.as_mut_ptr().cast(),
@@ -320,77 +298,32 @@ impl RxQueue {
                     return Stop::TapEmpty;
                 }
             };
-            if n > capacity || n < HEADER_LEN {
+            let room = if direct {
+                if mrg {
+                    p.room
+                } else {
+                    p.chains[0].len
+                }
+            } else {
+                self.bounce.len()
+            };
+            if n > room || n < HEADER_LEN {
                 // The tap truncates a frame that does not fit (and reports
                 // its full length): without MRG_RXBUF the guest posted
                 // buffers smaller than its MTU allows.
                 Stats::add(&self.stats.rx_dropped, 1);
                 warn_limited!(
                     self.warn,
-                    "rx: {n}-byte frame does not fit a {capacity}-byte receive buffer; dropped"
+                    "rx: {n}-byte frame does not fit a {room}-byte receive buffer; dropped"
                 );
                 continue;
             }
-            if !direct {
+            if direct {
+                self.complete_frame(state, m, neg, n, p);
+                frames += 1;
+            } else {
                 self.pending = Some(n);
-                continue;
             }
-            if mrg {
-                if n > direct_room {
-                    self.spill(m, p, reach, n - direct_room);
-                }
-                self.expect = next_expect(self.expect, n);
-            }
-            self.complete_frame(state, m, neg, n, p);
-            frames += 1;
-        }
-    }
-
-    /// Builds the iovecs of a merged-buffer `readv` in `p.readv`: the
-    /// front good chains until they hold [`Self::expect`] bytes, then the
-    /// bounce buffer for whatever a largest frame needs beyond them.
-    /// Returns (chains reached, their bytes, bytes of all the iovecs).
-    ///
-    /// Called only with at least [`MAX_BUFFER`] bytes of good chains
-    /// popped, so a frame that spills into the bounce buffer always has
-    /// chains to be copied into.
-    fn merged_iovecs(&mut self, p: &mut Popped) -> (usize, usize, usize) {
-        p.readv.clear();
-        let (mut reach, mut room) = (0, 0);
-        for c in p.chains.iter().take_while(|c| !c.bad) {
-            if room >= self.expect {
-                break;
-            }
-            p.readv.extend_from_slice(&p.iov[c.start..c.end]);
-            room += c.len;
-            reach += 1;
-        }
-        if room >= MAX_BUFFER {
-            return (reach, room, room);
-        }
-        p.readv.push(libc::iovec {
-            iov_base: self.bounce.as_mut_ptr().cast(),
-            iov_len: MAX_BUFFER - room,
-        });
-        (reach, room, MAX_BUFFER)
-    }
-
-    /// Copies the `len` bytes of a frame that went past the chains its
-    /// `readv` reached (the start of the bounce buffer) into the popped
-    /// chains after them, from chain `from` on.
-    fn spill(&self, m: &GuestMem, p: &Popped, from: usize, len: usize) {
-        let mut at = 0;
-        for c in p.chains.iter().skip(from) {
-            if at == len {
-                break;
-            }
-            let take = c.len.min(len - at);
-            if !chain::copy_in(m, &p.segs[c.start..c.end], &self.bounce[at..at + take]) {
-                // Checked when popped; only a memory table change in
-                // between could get here. The bytes are lost, not the chain.
-                warn_limited!(self.warn, "rx: receive buffer vanished");
-            }
-            at += take;
         }
     }
 
@@ -486,6 +419,16 @@ impl RxQueue {
             }
             p.chains.push_back(rx);
         }
+    }
+
+    /// End (in `iov`) of the good chains before the first bad one.
+    fn good_prefix_end(&self, p: &Popped) -> usize {
+        p.chains
+            .iter()
+            .take_while(|c| !c.bad)
+            .last()
+            .map(|c| c.end)
+            .unwrap_or(0)
     }
 
     /// Completes bad chains that reached the front, with length 0.
@@ -616,18 +559,6 @@ fn signal(
     }
     p.signalled_at = state.get_queue().next_used();
     p.unsignalled = 0;
-}
-
-/// The frame size the next merged-buffer `readv` plans for after a frame
-/// of `n` bytes: at least the MTU guess, a larger frame at once, and down
-/// by an eighth per smaller frame (after a 64 KB frame, a few dozen
-/// MTU-sized ones bring it back).
-fn next_expect(expect: usize, n: usize) -> usize {
-    if n >= expect {
-        n
-    } else {
-        (expect - expect / 8).max(n).max(FIRST_GUESS)
-    }
 }
 
 /// With EVENT_IDX, how many buffers the receive queue fills before asking

@@ -30,6 +30,12 @@ stats() { for c in rx_packets tx_packets rx_dropped tx_dropped; do printf '%s=%s
         fi
     done
 ) &
+# After a receive: the bytes that arrived (dd's count) and eth0's receive error counters, so a
+# wrong md5 says whether bytes were missing or wrong.
+rx_counts() {
+    s=/sys/class/net/eth0/statistics
+    echo "net rx: $(tail -n 1 /tmp/rx.dd); eth0 rx_packets=$(cat $s/rx_packets) rx_errors=$(cat $s/rx_errors) rx_length_errors=$(cat $s/rx_length_errors) rx_dropped=$(cat $s/rx_dropped) rx_crc_errors=$(cat $s/rx_crc_errors)"
+}
 ip link set lo up
 ip link set eth0 up && ip addr add 10.0.2.2/24 dev eth0
 ip link set eth1 up && ip addr add 10.0.3.2/24 dev eth1
@@ -38,14 +44,16 @@ wait_carrier eth0 1
 echo "FLOTILLA-RESULT net carrier eth0=$(carrier eth0) eth1=$(carrier eth1)"
 if ping -c 3 -W 10 10.0.2.1 >/dev/null; then echo "FLOTILLA-RESULT net ping0=ok"; else echo "FLOTILLA-RESULT net ping0=failed"; fi
 echo rx >/tmp/xfer
-echo "FLOTILLA-RESULT net rx md5=$(nc 10.0.2.1 5001 </dev/null | md5sum | cut -d' ' -f1)"
+echo "FLOTILLA-RESULT net rx md5=$(nc 10.0.2.1 5001 </dev/null | dd bs=65536 2>/tmp/rx.dd | md5sum | cut -d' ' -f1)"
+rx_counts
 dd if=/dev/urandom of=/tmp/chunk bs=1M count=1 2>/dev/null
 echo "FLOTILLA-RESULT net tx want=$(for i in $(seq 100); do cat /tmp/chunk; done | md5sum | cut -d' ' -f1)"
 echo tx >/tmp/xfer
 for i in $(seq 100); do cat /tmp/chunk; done | nc 10.0.2.1 5002 >/dev/null
 echo "FLOTILLA-RESULT net tx sent"
 echo rx2 >/tmp/xfer
-echo "FLOTILLA-RESULT net rx2 md5=$(nc 10.0.2.1 5003 </dev/null | md5sum | cut -d' ' -f1)"
+echo "FLOTILLA-RESULT net rx2 md5=$(nc 10.0.2.1 5003 </dev/null | dd bs=65536 2>/tmp/rx.dd | md5sum | cut -d' ' -f1)"
+rx_counts
 rm -f /tmp/xfer
 if wait_carrier eth1 1; then
     echo "FLOTILLA-RESULT net eth1 up"
