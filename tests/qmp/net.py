@@ -84,14 +84,14 @@ KVM_STATS = ("exits", "halt_exits", "irq_exits", "irq_injections", "nmi_injectio
 
 
 def print_kvm_exits(sample):
-    """KVM's per-vCPU exit counters (debugfs): a vCPU at 100 % in KVM_RUN whose `exits` race
-    is caught in an exit loop on the KVM host; one whose counters stand still spins in the
-    guest."""
+    """KVM's exit counters for each VM (debugfs; since Linux 5.14 they are per VM, summed over
+    its vCPUs): a vCPU at 100 % in KVM_RUN while `exits` races is caught in an exit loop on
+    the KVM host; with the counters standing still it spins in the guest."""
     if not os.path.isdir("/sys/kernel/debug/kvm"):
         subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], capture_output=True)
-    for vdir in sorted(glob.glob("/sys/kernel/debug/kvm/*/vcpu*")):
+    for vdir in sorted(glob.glob("/sys/kernel/debug/kvm/*-*")):
         counts = [f"{name}={v}" for name in KVM_STATS if (v := read_text(f"{vdir}/{name}")) is not None]
-        print(f"sample {sample}: kvm {vdir}: {' '.join(counts)}", flush=True)
+        print(f"sample {sample}: kvm {vdir}: {' '.join(counts) or 'no counters'}", flush=True)
 
 
 def print_vmm_threads(sample):
