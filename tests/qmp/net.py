@@ -80,7 +80,9 @@ def diagnose(q):
 
 
 KVM_STATS = ("exits", "halt_exits", "irq_exits", "irq_injections", "nmi_injections",
-             "io_exits", "mmio_exits", "signal_exits", "request_irq_exits", "irq_window_exits")
+             "io_exits", "mmio_exits", "signal_exits", "request_irq_exits", "irq_window_exits",
+             "pf_taken", "pf_fixed", "pf_spurious", "pf_emulate", "pf_guest", "tlb_flush",
+             "insn_emulation", "insn_emulation_fail", "req_event", "nested_run")
 
 
 def print_kvm_exits(sample):
