@@ -194,6 +194,7 @@ def main():
         rx = result("rx md5")
         threads[0].join(60)
         events[0] = print_vm_events("boot and host -> guest", events[0])
+        print_kvm_exits("after host -> guest")
         assert rx == results[5001], (rx, results)
         print(f"net: 100 MiB host -> guest in {time.time() - t0:.1f} s, md5 ok", flush=True)
         want = result("tx want")
@@ -201,6 +202,7 @@ def main():
         result("tx sent")
         threads[1].join(60)
         events[0] = print_vm_events("guest -> host", events[0])
+        print_kvm_exits("after guest -> host")
         assert results.get(5002) == want, (want, results)
         print(f"net: 100 MiB guest -> host in {time.time() - t0:.1f} s, md5 ok", flush=True)
 
