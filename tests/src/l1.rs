@@ -456,9 +456,16 @@ fn tcg_accel() -> &'static str {
     }
 }
 
-/// The L1's CPU model: `FLOTILLA_L1_CPU` (a QEMU `-cpu` value), else `max`.
+/// The L1's CPU model: `FLOTILLA_L1_CPU` (a QEMU `-cpu` value), else `max,la57=off`.
+///
+/// Without 5-level paging: with it the L2 guest (which then pages with 5 levels too) had
+/// its instructions that L1's KVM emulates (APIC and MMIO accesses, intercepted instructions
+/// it must skip without NRIPS, which TCG does not offer) fail their instruction fetch,
+/// and KVM injected a page fault for each one instead: millions per run (`pf_guest`), the
+/// guest crawling or spinning in KVM_RUN. With `la57=off` that counter stays at 0
+/// (tests/README.md "Platform failures").
 fn l1_cpu() -> String {
-    std::env::var("FLOTILLA_L1_CPU").unwrap_or_else(|_| "max".to_string())
+    std::env::var("FLOTILLA_L1_CPU").unwrap_or_else(|_| "max,la57=off".to_string())
 }
 
 /// The L1 kernel command line.
