@@ -456,7 +456,8 @@ fn generator(
 /// That matters: a tap read into the start of a page (the header takes
 /// its first 12 bytes) ran at about 70 % of the rate of one into a buffer
 /// 20–60 bytes further on, here, and the raw reader's own heap buffers
-/// measured that faster copy (docs/PERFORMANCE.md, "Drain").
+/// measured that faster copy (docs/PERFORMANCE.md, "Same buffers for both
+/// sides").
 struct RawRing {
     mem: vm_memory::GuestMemoryMmap<()>,
     /// Buffers in the ring, and the one the next frame starts in.
