@@ -165,10 +165,55 @@ pub fn wait_for(path: &std::path::Path) {
 /// Waits at most `timeout` for `child` to exit by itself; its exit code
 /// (None: still running, or ended by a signal).
 pub fn wait_exit(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<i32> {
+    wait_exit_status(child, timeout).and_then(|status| status.code())
+}
+
+/// The output of a process started for an escape attempt, waited for at
+/// most 60 s. One that is still running then is killed and the test fails
+/// saying why that usually happens: the binary was built without the
+/// `escape-test` feature (a `cargo build`/`cargo test` of another package
+/// rebuilt it so), ignored `FLOTILLA_ESCAPE_TEST` and went on serving.
+pub fn attempt_output(mut child: std::process::Child, what: &str) -> Output {
+    use std::io::Read;
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let exited = wait_exit_status(&mut child, std::time::Duration::from_secs(60));
+    let status = match exited {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+            panic!(
+                "{what}: the process was still running after 60 s; was it built without the \
+                 escape-test feature? (`touch` its crate and re-run its tests)\n{err}"
+            );
+        }
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+fn wait_exit_status(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
-            return status.code();
+            return Some(status);
         }
         if std::time::Instant::now() > deadline {
             return None;

@@ -122,13 +122,26 @@ impl KvmHost {
                     // more on a fresh VM, and say so outside the captured
                     // test output so a passing run still shows it.
                     let failure = machine_failure(reason, log);
-                    *vm = None;
                     report_machine_failure(command, &failure);
-                    let mut fresh = boot_l1()?;
-                    result = fresh.exec(&full, timeout);
-                    if !matches!(result, Err(Error::Agent { .. })) {
-                        *vm = Some(fresh);
+                    result = run_on_fresh_l1(&mut vm, &full, timeout)?;
+                }
+                // An L2 guest that triple-faults under the nested L1 is the
+                // platform's doing as far as anyone can tell (tests/README.md
+                // "Platform failures": QEMU's TCG loses the L2's address
+                // translation; seen in every long-running scenario, ~45 %
+                // of network runs): rerun on a fresh L1, a bounded number of
+                // times, each reported like a machine failure. On hardware
+                // KVM (`Mode::Direct`) a triple fault fails the test.
+                for rerun in 1..=L2_TRIPLE_FAULT_RERUNS {
+                    let Ok(out) = &result else { break };
+                    if !reports_l2_triple_fault(out) {
+                        break;
                     }
+                    let Some(l1) = vm.as_mut() else { break };
+                    save_kvm_trace(l1, &root);
+                    let failure = l2_triple_fault(out, l1.console_log(), rerun);
+                    report_machine_failure(command, &failure);
+                    result = run_on_fresh_l1(&mut vm, &full, timeout)?;
                 }
                 if let (Ok(out), Some(l1)) = (&result, vm.as_mut()) {
                     if reports_l2_triple_fault(out) {
@@ -200,6 +213,40 @@ fn boot_l1() -> Result<L1Vm> {
     Ok(vm)
 }
 
+/// How many times a command whose L2 guest triple-faulted runs again on a fresh L1: at the
+/// network test's rate (~45 %) four attempts all fail about once in 25 runs.
+const L2_TRIPLE_FAULT_RERUNS: u32 = 3;
+
+/// Boots a fresh L1 in place of `vm` (dropping the old one) and runs `full` on it. An L1 that
+/// fails under the command is dropped too, so the next command boots another.
+fn run_on_fresh_l1(vm: &mut Option<L1Vm>, full: &str, timeout: Duration) -> Result<Result<Output>> {
+    *vm = None;
+    let mut fresh = boot_l1()?;
+    let result = fresh.exec(full, timeout);
+    if !matches!(result, Err(Error::Agent { .. })) {
+        *vm = Some(fresh);
+    }
+    Ok(result)
+}
+
+/// The report of an L2 triple fault: the VMM's lines about it.
+fn l2_triple_fault(out: &Output, console: &Path, rerun: u32) -> MachineFailure {
+    let text = format!("{}{}", out.stdout_str(), out.stderr_str());
+    let tail = text
+        .lines()
+        .filter(|l| l.contains("KVM_EXIT_SHUTDOWN") || l.contains("triple fault"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    MachineFailure {
+        what: format!(
+            "an L2 guest triple-faulted (nested SVM under TCG; rerun {rerun} of {L2_TRIPLE_FAULT_RERUNS})"
+        ),
+        log: console.to_path_buf(),
+        tail,
+        tail_from: "the L2 VMM's report".to_string(),
+    }
+}
+
 /// flotilla-vmm's report of a guest triple fault (vmm/src/vstate/vcpu.rs), or QEMU's.
 fn reports_l2_triple_fault(out: &Output) -> bool {
     let says = |bytes: &[u8]| {
@@ -269,8 +316,11 @@ struct MachineFailure {
     what: String,
     /// The console log of the failed VM.
     log: PathBuf,
-    /// Its last lines (where a panic or a hang shows).
+    /// What the failure left to read: the console's last lines (where a panic or a hang
+    /// shows), or the VMM's report of a triple fault.
     tail: String,
+    /// Where `tail` comes from.
+    tail_from: String,
 }
 
 /// Lines of the failed VM's console quoted in the report.
@@ -280,9 +330,9 @@ fn machine_failure(reason: &str, log: &Path) -> MachineFailure {
     let console = std::fs::read(log).unwrap_or_default();
     let console = String::from_utf8_lossy(&console);
     let what = if console.contains("Kernel panic - not syncing") {
-        format!("its kernel panicked ({reason})")
+        format!("the KVM host VM's kernel panicked ({reason})")
     } else {
-        format!("it stopped answering ({reason})")
+        format!("the KVM host VM stopped answering ({reason})")
     };
     let lines: Vec<&str> = console.lines().collect();
     let tail = lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n");
@@ -290,6 +340,7 @@ fn machine_failure(reason: &str, log: &Path) -> MachineFailure {
         what,
         log: log.to_path_buf(),
         tail,
+        tail_from: format!("last lines of {}", log.display()),
     }
 }
 
@@ -298,17 +349,29 @@ fn machine_failure(reason: &str, log: &Path) -> MachineFailure {
 /// `target/flotilla-tests/machine-failures.log`, one line per failure.
 fn report_machine_failure(command: &str, failure: &MachineFailure) {
     let line = format!(
-        "flotilla-tests: the KVM host VM failed while running a test command: {}; console {}; \
-         running the command once more on a fresh VM",
+        "flotilla-tests: the test machine failed while running a test command: {}; L1 console \
+         {}; running the command again on a fresh KVM host VM",
         failure.what,
         failure.log.display()
     );
+    // The command's start is enough to tell which one it was: the scripts run whole are long.
+    let short: String = command
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect();
+    let command = if short.len() < command.len() {
+        format!("{short} ...")
+    } else {
+        short
+    };
     let mut err = std::io::stderr().lock();
     let _ = writeln!(
         err,
-        "{line}\ncommand: {command}\n--- last lines of {} ---\n{}\n---",
-        failure.log.display(),
-        failure.tail
+        "{line}\ncommand: {command}\n--- {} ---\n{}\n---",
+        failure.tail_from, failure.tail
     );
     if let Some(dir) = failure.log.parent() {
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -345,8 +408,29 @@ pub fn has_hardware_kvm() -> bool {
 #[cfg(test)]
 mod panic_tests {
     use super::{
-        kvm_trace_path, machine_failure, reports_l2_triple_fault, Output, CONSOLE_TAIL_LINES,
+        kvm_trace_path, l2_triple_fault, machine_failure, reports_l2_triple_fault, Output,
+        CONSOLE_TAIL_LINES,
     };
+
+    #[test]
+    fn an_l2_triple_fault_is_reported_with_the_vmm_lines() {
+        let out = Output {
+            status: 1,
+            stdout: b"net: 100 MiB host -> guest in 12.2 s, md5 ok\n".to_vec(),
+            stderr: b"INFO backend up\nflotilla-vmm: vCPU 1: triple fault (KVM_EXIT_SHUTDOWN); rip=0xfff0\nTraceback\n"
+                .to_vec(),
+            ..Output::default()
+        };
+        let failure = l2_triple_fault(&out, std::path::Path::new("/t/l1-1-1.console.log"), 2);
+        assert_eq!(
+            failure.what,
+            "an L2 guest triple-faulted (nested SVM under TCG; rerun 2 of 3)"
+        );
+        assert_eq!(
+            failure.tail,
+            "flotilla-vmm: vCPU 1: triple fault (KVM_EXIT_SHUTDOWN); rip=0xfff0"
+        );
+    }
 
     #[test]
     fn an_l2_triple_fault_is_recognised_from_the_vmm_output() {
@@ -385,7 +469,7 @@ mod panic_tests {
         let frozen = machine_failure("no answer within 120s + 30s", &log);
         assert_eq!(
             frozen.what,
-            "it stopped answering (no answer within 120s + 30s)"
+            "the KVM host VM stopped answering (no answer within 120s + 30s)"
         );
         assert_eq!(frozen.tail.lines().count(), CONSOLE_TAIL_LINES);
         assert!(frozen.tail.ends_with("[ 99.0] line 99"));
@@ -395,7 +479,7 @@ mod panic_tests {
         let panicked = machine_failure("reading the answer: broken pipe", &log);
         assert_eq!(
             panicked.what,
-            "its kernel panicked (reading the answer: broken pipe)"
+            "the KVM host VM's kernel panicked (reading the answer: broken pipe)"
         );
         assert!(panicked.tail.ends_with("corrupted stack end detected"));
 

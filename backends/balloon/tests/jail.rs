@@ -12,7 +12,8 @@ use std::process::{Command, Output, Stdio};
 
 use common::BIN;
 use flotilla_backend::test_support::{
-    assert_errno, assert_keeper_sigsys as assert_sigsys, fatal_attempts, stderr, ESCAPED,
+    assert_errno, assert_keeper_sigsys as assert_sigsys, attempt_output, fatal_attempts, stderr,
+    ESCAPED,
 };
 
 /// Runs flotilla-balloon on an inherited socketpair (`--fd`), so that it
@@ -33,7 +34,7 @@ fn attempt(attempt: &str, args: &[&str]) -> Output {
         .expect("spawn flotilla-balloon");
     // SAFETY: the child has its copy; ours is not needed.
     unsafe { libc::close(fd) };
-    let out = child.wait_with_output().expect("wait for flotilla-balloon");
+    let out = attempt_output(child, attempt);
     drop(ours);
     out
 }

@@ -16,7 +16,8 @@ use std::time::Duration;
 use common::{random_image, Backend, TempDir, BIN};
 use flotilla_backend::test_support::proc::{self, NO_CAPS};
 use flotilla_backend::test_support::{
-    assert_errno, assert_keeper_sigsys as assert_sigsys, fatal_attempts, stderr, DENIED, ESCAPED,
+    assert_errno, assert_keeper_sigsys as assert_sigsys, attempt_output, fatal_attempts, stderr,
+    DENIED, ESCAPED,
 };
 
 /// Runs flotilla-blk with `FLOTILLA_ESCAPE_TEST=attempt` and `args`, and
@@ -41,7 +42,7 @@ fn attempt(attempt: &str, args: &[&str]) -> Output {
         .expect("spawn flotilla-blk");
     common::wait_for(&sock);
     let frontend = UnixStream::connect(&sock).expect("connect");
-    let out = child.wait_with_output().expect("wait for flotilla-blk");
+    let out = attempt_output(child, attempt);
     drop(frontend);
     out
 }

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use common::{bin, Netns};
 use flotilla_backend::test_support::proc::{self, link, NO_CAPS};
 use flotilla_backend::test_support::{
-    assert_errno, assert_keeper_sigsys as assert_sigsys, fatal_attempts, stderr, ESCAPED,
+    assert_errno, assert_keeper_sigsys as assert_sigsys, attempt_output, fatal_attempts, stderr,
+    ESCAPED,
 };
 
 /// Starts flotilla-net as the gateway does (`--fd 3 --tap-fd 4`), with a
@@ -63,7 +64,7 @@ fn spawn(tap: &OwnedFd, attempt: Option<&str>, args: &[&str]) -> (Child, UnixStr
 
 fn attempt(tap: &OwnedFd, what: &str, args: &[&str]) -> Output {
     let (child, ours, _) = spawn(tap, Some(what), args);
-    let out = child.wait_with_output().expect("wait for flotilla-net");
+    let out = attempt_output(child, what);
     drop(ours);
     out
 }
