@@ -31,7 +31,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -47,11 +47,15 @@ use crate::inflight::{InflightError, InflightMsg, InflightTracker};
 const MAX_FDS: usize = 32;
 
 /// Frontend request codes the relay looks at.
+const SET_FEATURES: u32 = 2;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_KICK: u32 = 12;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
+const SET_VRING_ENABLE: u32 = 18;
+/// VHOST_USER_F_PROTOCOL_FEATURES, a bit of SET_FEATURES.
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// Header flags: protocol version 1, "this is a reply", "reply wanted".
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -79,6 +83,9 @@ pub(crate) struct RelayState {
     tracker: Option<Arc<InflightTracker>>,
     /// Protocol features the frontend acknowledged with SET_PROTOCOL_FEATURES.
     acked: AtomicU64,
+    /// SET_FEATURES acknowledged VHOST_USER_F_PROTOCOL_FEATURES: from then on
+    /// SET_VRING_ENABLE reaches the library.
+    rings_switchable: AtomicBool,
     /// Why the relay ended the connection, if it did.
     failure: Mutex<Option<String>>,
 }
@@ -161,6 +168,7 @@ impl Relay {
             state: Arc::new(RelayState {
                 tracker,
                 acked: AtomicU64::new(0),
+                rings_switchable: AtomicBool::new(false),
                 failure: Mutex::new(None),
             }),
         })
@@ -300,11 +308,28 @@ fn pump_in(
 ) -> io::Result<()> {
     let inflight = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
     while let Some(mut msg) = read_message(from)? {
+        match msg.request() {
+            SET_FEATURES => {
+                if let Some(acked) = msg.payload_u64() {
+                    let switchable = acked & F_PROTOCOL_FEATURES != 0;
+                    state.rings_switchable.store(switchable, Ordering::Release);
+                }
+            }
+            SET_PROTOCOL_FEATURES => {
+                if let Some(acked) = msg.payload_u64() {
+                    state.acked.store(acked, Ordering::Release);
+                }
+            }
+            SET_VRING_ENABLE if !state.rings_switchable.load(Ordering::Acquire) => {
+                early_vring_enable(&msg, frontend, state)?;
+                continue;
+            }
+            _ => {}
+        }
         if let Some(tracker) = &state.tracker {
             match msg.request() {
                 SET_PROTOCOL_FEATURES => {
                     if let Some(acked) = msg.payload_u64() {
-                        state.acked.store(acked, Ordering::Release);
                         msg.set_payload_u64(acked & !inflight);
                     }
                 }
@@ -326,6 +351,21 @@ fn pump_in(
             kick_once(&msg.fds);
         }
         // Our copies of the fds close here; the receiver holds its own.
+    }
+    Ok(())
+}
+
+/// SET_VRING_ENABLE before SET_FEATURES acknowledged PROTOCOL_FEATURES: QEMU
+/// sends one per queue while it attaches a vhost-user NIC, before it starts
+/// the device, and enables the rings again when it does (since 7.2). The
+/// library would take it for a protocol violation and end the connection;
+/// it is answered here (when the frontend wants an answer) and dropped: the
+/// rings' state is what the frontend says after SET_FEATURES.
+fn early_vring_enable(msg: &Message, frontend: &Writer, state: &RelayState) -> io::Result<()> {
+    log::debug!("SET_VRING_ENABLE before SET_FEATURES: answered, not applied");
+    if msg.flags() & FLAG_NEED_REPLY != 0 && state.negotiated(VhostUserProtocolFeatures::REPLY_ACK)
+    {
+        frontend.send(&reply(SET_VRING_ENABLE, &0u64.to_le_bytes()), &[])?;
     }
     Ok(())
 }
@@ -683,6 +723,40 @@ mod tests {
         let get = message(GET_INFLIGHT_FD, &inflight_msg(8).to_bytes());
         (&fe).write_all(&get).unwrap();
         assert_eq!(recv_one(&lib).0, get);
+    }
+
+    #[test]
+    fn rings_enabled_before_the_features_are_answered_not_applied() {
+        let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
+        let (fe, child_end) = UnixStream::pair().unwrap();
+        let (listener, state) = Relay::for_fd(child_end.into_raw_fd(), None)
+            .unwrap()
+            .start()
+            .unwrap();
+        let lib = listener.accept().unwrap().unwrap();
+        let set_protocol = message(SET_PROTOCOL_FEATURES, &reply_ack.to_le_bytes());
+        (&fe).write_all(&set_protocol).unwrap();
+        assert_eq!(recv_one(&lib).0, set_protocol);
+        // As QEMU attaching a NIC: enable ring 0, reply wanted, then ring 1
+        // without; neither reaches the library, the first is acknowledged.
+        let enable = |index: u32| {
+            let mut state = index.to_le_bytes().to_vec();
+            state.extend_from_slice(&1u32.to_le_bytes());
+            message(SET_VRING_ENABLE, &state)
+        };
+        let mut first = enable(0);
+        first[4] |= FLAG_NEED_REPLY as u8;
+        (&fe).write_all(&first).unwrap();
+        let (buf, _) = recv_one(&fe);
+        assert_eq!(buf, reply(SET_VRING_ENABLE, &0u64.to_le_bytes()));
+        (&fe).write_all(&enable(1)).unwrap();
+        // SET_FEATURES with PROTOCOL_FEATURES: then the rings are the library's.
+        let features = message(SET_FEATURES, &(F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes());
+        (&fe).write_all(&features).unwrap();
+        assert_eq!(recv_one(&lib).0, features, "nothing came in between");
+        (&fe).write_all(&enable(1)).unwrap();
+        assert_eq!(recv_one(&lib).0, enable(1));
+        assert_eq!(state.failure(), None);
     }
 
     #[test]
