@@ -31,7 +31,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -83,9 +83,7 @@ pub(crate) struct RelayState {
     tracker: Option<Arc<InflightTracker>>,
     /// Protocol features the frontend acknowledged with SET_PROTOCOL_FEATURES.
     acked: AtomicU64,
-    /// SET_FEATURES acknowledged VHOST_USER_F_PROTOCOL_FEATURES: from then on
-    /// SET_VRING_ENABLE reaches the library.
-    rings_switchable: AtomicBool,
+
     /// Why the relay ended the connection, if it did.
     failure: Mutex<Option<String>>,
 }
@@ -168,7 +166,6 @@ impl Relay {
             state: Arc::new(RelayState {
                 tracker,
                 acked: AtomicU64::new(0),
-                rings_switchable: AtomicBool::new(false),
                 failure: Mutex::new(None),
             }),
         })
@@ -277,6 +274,16 @@ fn reply(request: u32, payload: &[u8]) -> Vec<u8> {
     m
 }
 
+/// A request the relay makes itself: no reply wanted.
+fn request(request: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER_LEN + payload.len());
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
 /// Reads one framed message; `None` at EOF between messages.
 ///
 /// The copy goes message by message: a unix stream socket attaches fds to
@@ -307,21 +314,36 @@ fn pump_in(
     state: &RelayState,
 ) -> io::Result<()> {
     let inflight = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+    // SET_VRING_ENABLE before SET_FEATURES acknowledged PROTOCOL_FEATURES:
+    // QEMU sends one per queue while it attaches a vhost-user NIC, long
+    // before it starts the device. The library would take it for a protocol
+    // violation and end the connection; the relay answers it (when the
+    // frontend wants an answer) and hands it on once the features allow it.
+    let mut switchable = false;
+    let mut early_enables: Vec<Vec<u8>> = Vec::new();
     while let Some(mut msg) = read_message(from)? {
         match msg.request() {
-            SET_FEATURES => {
-                if let Some(acked) = msg.payload_u64() {
-                    let switchable = acked & F_PROTOCOL_FEATURES != 0;
-                    state.rings_switchable.store(switchable, Ordering::Release);
-                }
-            }
             SET_PROTOCOL_FEATURES => {
                 if let Some(acked) = msg.payload_u64() {
                     state.acked.store(acked, Ordering::Release);
                 }
             }
-            SET_VRING_ENABLE if !state.rings_switchable.load(Ordering::Acquire) => {
-                early_vring_enable(&msg, frontend, state)?;
+            SET_VRING_ENABLE if !switchable => {
+                log::debug!("SET_VRING_ENABLE before SET_FEATURES: held until then");
+                if msg.flags() & FLAG_NEED_REPLY != 0
+                    && state.negotiated(VhostUserProtocolFeatures::REPLY_ACK)
+                {
+                    frontend.send(&reply(SET_VRING_ENABLE, &0u64.to_le_bytes()), &[])?;
+                }
+                early_enables.push(msg.payload().to_vec());
+                continue;
+            }
+            SET_FEATURES if msg.payload_u64().unwrap_or(0) & F_PROTOCOL_FEATURES != 0 => {
+                switchable = true;
+                send_all(library, &msg.buf, &msg.fds)?;
+                for payload in early_enables.drain(..) {
+                    send_all(library, &request(SET_VRING_ENABLE, &payload), &[])?;
+                }
                 continue;
             }
             _ => {}
@@ -351,21 +373,6 @@ fn pump_in(
             kick_once(&msg.fds);
         }
         // Our copies of the fds close here; the receiver holds its own.
-    }
-    Ok(())
-}
-
-/// SET_VRING_ENABLE before SET_FEATURES acknowledged PROTOCOL_FEATURES: QEMU
-/// sends one per queue while it attaches a vhost-user NIC, before it starts
-/// the device, and enables the rings again when it does (since 7.2). The
-/// library would take it for a protocol violation and end the connection;
-/// it is answered here (when the frontend wants an answer) and dropped: the
-/// rings' state is what the frontend says after SET_FEATURES.
-fn early_vring_enable(msg: &Message, frontend: &Writer, state: &RelayState) -> io::Result<()> {
-    log::debug!("SET_VRING_ENABLE before SET_FEATURES: answered, not applied");
-    if msg.flags() & FLAG_NEED_REPLY != 0 && state.negotiated(VhostUserProtocolFeatures::REPLY_ACK)
-    {
-        frontend.send(&reply(SET_VRING_ENABLE, &0u64.to_le_bytes()), &[])?;
     }
     Ok(())
 }
@@ -726,7 +733,7 @@ mod tests {
     }
 
     #[test]
-    fn rings_enabled_before_the_features_are_answered_not_applied() {
+    fn rings_enabled_before_the_features_are_held_until_then() {
         let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
         let (fe, child_end) = UnixStream::pair().unwrap();
         let (listener, state) = Relay::for_fd(child_end.into_raw_fd(), None)
@@ -738,7 +745,7 @@ mod tests {
         (&fe).write_all(&set_protocol).unwrap();
         assert_eq!(recv_one(&lib).0, set_protocol);
         // As QEMU attaching a NIC: enable ring 0, reply wanted, then ring 1
-        // without; neither reaches the library, the first is acknowledged.
+        // without; neither reaches the library yet, the first is acknowledged.
         let enable = |index: u32| {
             let mut state = index.to_le_bytes().to_vec();
             state.extend_from_slice(&1u32.to_le_bytes());
@@ -750,10 +757,17 @@ mod tests {
         let (buf, _) = recv_one(&fe);
         assert_eq!(buf, reply(SET_VRING_ENABLE, &0u64.to_le_bytes()));
         (&fe).write_all(&enable(1)).unwrap();
-        // SET_FEATURES with PROTOCOL_FEATURES: then the rings are the library's.
+        // Features without PROTOCOL_FEATURES change nothing...
+        let plain = message(SET_FEATURES, &(1u64 << 32).to_le_bytes());
+        (&fe).write_all(&plain).unwrap();
+        assert_eq!(recv_one(&lib).0, plain, "nothing came before");
+        // ... with it, the library gets them, then the held enables in order
+        // (no reply wanted), then what follows.
         let features = message(SET_FEATURES, &(F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes());
         (&fe).write_all(&features).unwrap();
-        assert_eq!(recv_one(&lib).0, features, "nothing came in between");
+        assert_eq!(recv_one(&lib).0, features);
+        assert_eq!(recv_one(&lib).0, enable(0));
+        assert_eq!(recv_one(&lib).0, enable(1));
         (&fe).write_all(&enable(1)).unwrap();
         assert_eq!(recv_one(&lib).0, enable(1));
         assert_eq!(state.failure(), None);

@@ -20,7 +20,7 @@ pub mod stats;
 pub mod tap;
 pub mod tx;
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use flotilla_backend::cli::VhostUserArgs;
@@ -90,30 +90,34 @@ pub fn capabilities() -> String {
     flotilla_backend::cli::capabilities("net", &[])
 }
 
-/// Runs the program after `flotilla_backend::daemon::prepare`.
-pub fn run(args: &Args) -> Result<()> {
+/// The tap the command line names, opened before
+/// `flotilla_backend::daemon::prepare`: the jail's first step moves the
+/// process into a network namespace of its own, and a tap created by name
+/// after that would live there, out of the host's reach.
+pub fn open_tap(args: &Args) -> Result<Tap> {
+    match (args.tap_fd, &args.tap) {
+        (Some(fd), None) => Ok(Tap::from_fd(fd)?),
+        (None, Some(name)) => Ok(Tap::open(name)?),
+        _ => Err(Error::Options(
+            "exactly one of --tap-fd and --tap must be given".into(),
+        )),
+    }
+}
+
+/// Runs the program on `tap` ([`open_tap`]) after
+/// `flotilla_backend::daemon::prepare`.
+pub fn run(args: &Args, tap: Tap) -> Result<()> {
     let connection = args.vhost_user.connection()?;
-    let tap = match (args.tap_fd, &args.tap) {
-        (Some(fd), None) => Tap::from_fd(fd)?,
-        (None, Some(name)) => Tap::open(name)?,
-        _ => {
-            return Err(Error::Options(
-                "exactly one of --tap-fd and --tap must be given".into(),
-            ))
-        }
-    };
     let mac = args.mac.unwrap_or_else(MacAddr::random);
     log::info!(
         "tap {}, mac {mac}{}",
         tap.name(),
         if args.poll { ", busy-polling" } else { "" }
     );
-    // The tap fd handed over on the command line is the device's; any other
-    // inherited fd is closed when the jail is entered.
-    let mut jail = Jail::new(&args.vhost_user, sandbox::policy());
-    if let Some(fd) = args.tap_fd {
-        jail = jail.keep_fd(fd);
-    }
+    // The tap fd (handed over, or opened before the jail noted the inherited
+    // fds) is the device's; any other inherited fd is closed when the jail is
+    // entered.
+    let jail = Jail::new(&args.vhost_user, sandbox::policy()).keep_fd(tap.as_raw_fd());
     let mem = GuestMemoryAtomic::new(GuestMem::new());
     let backend = Arc::new(NetBackend::new(tap, mac, mem.clone(), args.poll));
     let listeners = backend.listeners();

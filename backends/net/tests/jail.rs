@@ -149,3 +149,54 @@ fn the_jailed_backend_keeps_its_tap_and_loses_stray_fds() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_tap_opened_by_name_is_the_callers_and_survives_the_jail() {
+    // Standalone use: `--tap IFNAME` creates the tap where flotilla-net was
+    // started (not in the namespace its jail makes), and keeps it once jailed.
+    let ns = Netns::new();
+    let dir = std::env::temp_dir().join(format!("fnj-standalone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sock = dir.join("s");
+    let sock_arg = sock.to_string_lossy().into_owned();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(bin())
+        .args([
+            "--socket-path",
+            &sock_arg,
+            "--tap",
+            "fnj4",
+            "--log-level",
+            "info",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flotilla-net");
+    flotilla_backend::test_support::wait_for(&sock);
+    let tap_there = || {
+        Command::new("ip")
+            .args(["-n", &ns.name, "link", "show", "fnj4"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    assert!(tap_there(), "the tap is in the caller's namespace");
+    // A frontend connects: the backend enters its jail, closing inherited fds.
+    let frontend = UnixStream::connect(&sock).expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proc::children(child.id())
+        .first()
+        .is_some_and(|&pid| proc::status(pid, "Seccomp") == "2")
+    {
+        assert!(Instant::now() < deadline, "never jailed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(tap_there(), "the jailed backend still holds the tap");
+    drop(frontend);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
