@@ -51,9 +51,22 @@ fn die_on_fault_signals() -> Result<()> {
 /// process forks (into fresh namespaces with `--sandbox namespace`) and this
 /// function returns in the child, the parent staying outside as its keeper.
 pub fn prepare(program: &'static str, args: &VhostUserArgs) -> Result<()> {
+    prepare_with(program, args, || Ok(()))
+}
+
+/// [`prepare`], running `open` once logging is set up and before the jail's
+/// first half: what a device opens there (a tap by name) belongs to the
+/// caller's namespaces, not to the ones the jail makes. Its error is logged
+/// like any other and returned as [`Error::Setup`].
+pub fn prepare_with<T>(
+    program: &'static str,
+    args: &VhostUserArgs,
+    open: impl FnOnce() -> std::result::Result<T, String>,
+) -> Result<T> {
     crate::logger::init(program, args.log_level, args.log_file.as_deref())?;
     // Before the jail forks its keeper, so that both die of a fault signal.
     die_on_fault_signals()?;
+    let opened = open().map_err(Error::Setup)?;
     crate::jail::early(args)?;
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -75,7 +88,7 @@ pub fn prepare(program: &'static str, args: &VhostUserArgs) -> Result<()> {
             Err(e) => log::error!("sigwait: {e}"),
         })
         .map_err(Error::Signals)?;
-    Ok(())
+    Ok(opened)
 }
 
 /// Serves one vhost-user frontend connection with `backend`, then returns.

@@ -8,18 +8,18 @@ fn main() {
         println!("{}", flotilla_net::capabilities());
         return;
     }
-    // Before the jail's namespaces: a tap opened by name must be the host's.
-    let tap = match flotilla_net::open_tap(&args) {
+    // A tap opened by name must be the host's: open it before the jail's
+    // namespaces.
+    let tap = match flotilla_backend::daemon::prepare_with("flotilla-net", &args.vhost_user, || {
+        flotilla_net::open_tap(&args).map_err(|e| e.to_string())
+    }) {
         Ok(tap) => tap,
         Err(e) => {
+            log::error!("{e}");
             eprintln!("flotilla-net: {e}");
             std::process::exit(1);
         }
     };
-    if let Err(e) = flotilla_backend::daemon::prepare("flotilla-net", &args.vhost_user) {
-        eprintln!("flotilla-net: {e}");
-        std::process::exit(1);
-    }
     if let Err(e) = flotilla_net::run(&args, tap) {
         log::error!("{e}");
         eprintln!("flotilla-net: {e}");

@@ -187,10 +187,12 @@ fn a_tap_opened_by_name_is_the_callers_and_survives_the_jail() {
     // A frontend connects: the backend enters its jail, closing inherited fds.
     let frontend = UnixStream::connect(&sock).expect("connect");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !proc::children(child.id())
-        .first()
-        .is_some_and(|&pid| proc::status(pid, "Seccomp") == "2")
-    {
+    let jailed = |keeper: u32| {
+        proc::children(keeper)
+            .first()
+            .is_some_and(|&pid| proc::status(pid, "Seccomp") == "2")
+    };
+    while !jailed(child.id()) {
         assert!(Instant::now() < deadline, "never jailed");
         std::thread::sleep(Duration::from_millis(10));
     }
