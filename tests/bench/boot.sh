@@ -19,6 +19,8 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-cargo build "${profile[@]}" -q -p vmm -p flotilla-tests --example bench_boot
+# Two builds: `--example` narrows every -p of one command to examples.
+cargo build "${profile[@]}" -q -p vmm --bins
+cargo build "${profile[@]}" -q -p flotilla-tests --example bench_boot
 dir=target/$([ ${#profile[@]} -eq 0 ] && echo debug || echo release)
 exec "$dir/examples/bench_boot" "${args[@]}"

@@ -6,8 +6,11 @@
 # exact VMM command lines go to stderr. Needs iperf3 on the host (apt-get install iperf3):
 # the L1 VM runs the host's binaries.
 #
-# Usage: tests/bench/net.sh [--runs N] [--seconds S] [--only flotilla|qemu|qemu-vhost]...
+# Usage: tests/bench/net.sh [--runs N] [--seconds S] [--only flotilla|qemu|qemu-vhost|qemu-flotilla-net]...
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-cargo build --release -q -p qmp-gateway -p vmm -p flotilla-net -p flotilla-tests --example bench_net_vm
+# Two builds: `--example` narrows every -p of one command to examples, so the binaries
+# under test would not be rebuilt.
+cargo build --release -q -p qmp-gateway -p vmm -p flotilla-net --bins
+cargo build --release -q -p flotilla-tests --example bench_net_vm
 exec target/release/examples/bench_net_vm "$@"

@@ -1,7 +1,8 @@
 //! Network benchmark with a real guest: iperf3 in the guest against an `iperf3 -s` on the
 //! tap, under flotilla (`-netdev tap` served by flotilla-net) and under QEMU microvm
 //! (its own tap backend, `vhost=off`, and the kernel's vhost-net when `/dev/vhost-net`
-//! exists on the KVM host), interleaved, in one KVM host session. Driven by
+//! exists on the KVM host), and QEMU microvm as the frontend of a standalone flotilla-net
+//! (`--tap`, vhost-user), interleaved, in one KVM host session. Driven by
 //! `tests/bench/net.sh`.
 //!
 //! Every run creates a network namespace on the KVM host and deletes it afterwards; the
@@ -9,7 +10,7 @@
 //! server, the guest is 10.0.2.2/24 (`tests/guest/scenarios/iperf.sh`). No traffic
 //! leaves the namespace.
 //!
-//! Usage: bench_net_vm [--runs N] [--seconds S] [--only flotilla|qemu|qemu-vhost]...
+//! Usage: bench_net_vm [--runs N] [--seconds S] [--only flotilla|qemu|qemu-vhost|qemu-flotilla-net]...
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -34,16 +35,26 @@ enum Variant {
     Qemu,
     /// QEMU with the in-kernel vhost-net worker (`vhost=on`).
     QemuVhost,
+    /// QEMU as the vhost-user frontend of flotilla-net started on its own (`--tap`): the
+    /// same backend under another VMM, which separates what the backend does from what
+    /// flotilla's core does (tests/README.md "Platform failures").
+    QemuFlotillaNet,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::Flotilla, Variant::Qemu, Variant::QemuVhost];
+    const ALL: [Variant; 4] = [
+        Variant::Flotilla,
+        Variant::Qemu,
+        Variant::QemuVhost,
+        Variant::QemuFlotillaNet,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Variant::Flotilla => "flotilla",
             Variant::Qemu => "qemu",
             Variant::QemuVhost => "qemu-vhost",
+            Variant::QemuFlotillaNet => "qemu-flotilla-net",
         }
     }
 
@@ -52,6 +63,7 @@ impl Variant {
             Variant::Flotilla => "flotilla + flotilla-net",
             Variant::Qemu => "QEMU microvm, tap vhost=off",
             Variant::QemuVhost => "QEMU microvm, tap vhost=on",
+            Variant::QemuFlotillaNet => "QEMU microvm + flotilla-net (vhost-user)",
         }
     }
 
@@ -71,6 +83,22 @@ impl Variant {
                  -qmp unix:$w/qmp.sock,server,nowait -netdev tap,id=net0,ifname={TAP} \
                  -device virtio-net-device,netdev=net0,id=nic0,mac={MAC}",
                 shell_quote(&paths::program("flotilla").to_string_lossy()),
+            ),
+            // flotilla-net first (it creates the tap the script waits for), QEMU once its
+            // socket is there; modern virtio-mmio, as flotilla's core offers.
+            Variant::QemuFlotillaNet => format!(
+                "sh -c \"{} --socket-path $w/net.sock --tap {TAP} --mac {MAC} \
+                 --log-file $w/backend.log & \
+                 while [ ! -S $w/net.sock ]; do sleep 0.1; done; \
+                 exec {} -M microvm,acpi=on -enable-kvm -cpu host -m {GUEST_MEM_MIB} \
+                 -smp {GUEST_CPUS} -global virtio-mmio.force-legacy=false \
+                 -nodefaults -no-user-config -nographic -no-reboot -serial file:$w/serial.log \
+                 -kernel {kernel} -initrd {initrd} -append {append} \
+                 -object memory-backend-memfd,id=ram,size={GUEST_MEM_MIB}M,share=on \
+                 -machine memory-backend=ram -chardev socket,id=c0,path=$w/net.sock \
+                 -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-device,netdev=n0,mac={MAC}\"",
+                shell_quote(&paths::program("flotilla-net").to_string_lossy()),
+                shell_quote(&paths::qemu_binary()),
             ),
             Variant::Qemu | Variant::QemuVhost => {
                 format!(
@@ -128,6 +156,7 @@ grep -a FLOTILLA- "$w/serial.log"
 if [ $st -ne 0 ] || ! grep -q 'iperf rx_mbps=[0-9]' "$w/serial.log"; then
     echo '--- serial (tail) ---'; tail -c 3000 "$w/serial.log"
     echo '--- VMM output (tail) ---'; tail -c 3000 "$w/vmm.log"
+    [ -f "$w/backend.log" ] && {{ echo '--- backend log (tail) ---'; tail -c 2000 "$w/backend.log"; }}
     echo '--- iperf3 server (tail) ---'; tail -c 2000 "$w/server.log"
 fi
 rm -rf "$w"
