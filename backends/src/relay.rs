@@ -711,14 +711,21 @@ mod tests {
         assert!(state.failure().unwrap().contains("SET_INFLIGHT_FD"));
     }
 
-    #[test]
-    fn a_device_without_tracking_gets_the_messages_unchanged() {
+    /// A started relay for a device without inflight tracking: the
+    /// frontend's end, the library's end, the shared state.
+    fn relay_without_tracking() -> (UnixStream, UnixStream, Arc<RelayState>) {
         let (fe, child_end) = UnixStream::pair().unwrap();
-        let (listener, _) = Relay::for_fd(child_end.into_raw_fd(), None)
+        let (listener, state) = Relay::for_fd(child_end.into_raw_fd(), None)
             .unwrap()
             .start()
             .unwrap();
         let lib = listener.accept().unwrap().unwrap();
+        (fe, lib, state)
+    }
+
+    #[test]
+    fn a_device_without_tracking_gets_the_messages_unchanged() {
+        let (fe, lib, _) = relay_without_tracking();
         (&fe)
             .write_all(&message(GET_PROTOCOL_FEATURES, b""))
             .unwrap();
@@ -735,12 +742,7 @@ mod tests {
     #[test]
     fn rings_enabled_before_the_features_are_held_until_then() {
         let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
-        let (fe, child_end) = UnixStream::pair().unwrap();
-        let (listener, state) = Relay::for_fd(child_end.into_raw_fd(), None)
-            .unwrap()
-            .start()
-            .unwrap();
-        let lib = listener.accept().unwrap().unwrap();
+        let (fe, lib, state) = relay_without_tracking();
         let set_protocol = message(SET_PROTOCOL_FEATURES, &reply_ack.to_le_bytes());
         (&fe).write_all(&set_protocol).unwrap();
         assert_eq!(recv_one(&lib).0, set_protocol);
