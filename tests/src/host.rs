@@ -126,11 +126,11 @@ impl KvmHost {
                     result = run_on_fresh_l1(&mut vm, &full, timeout)?;
                 }
                 // An L2 guest that triple-faults under the nested L1 is the
-                // platform's doing as far as anyone can tell (tests/README.md
-                // "Platform failures": QEMU's TCG loses the L2's address
-                // translation; seen in every long-running scenario, ~45 %
-                // of network runs): rerun on a fresh L1, a bounded number of
-                // times, each reported like a machine failure. On hardware
+                // platform's doing (tests/README.md "Platform failures": it
+                // happens to QEMU + the kernel's vhost-net as well, whenever
+                // a backend serves the rings beside the vCPU; ~45 % of the
+                // network test's runs): rerun on a fresh L1, a bounded number
+                // of times, each reported like a machine failure. On hardware
                 // KVM (`Mode::Direct`) a triple fault fails the test.
                 for rerun in 1..=L2_TRIPLE_FAULT_RERUNS {
                     let Ok(out) = &result else { break };
