@@ -54,6 +54,8 @@ const SET_VRING_KICK: u32 = 12;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 const SET_VRING_ENABLE: u32 = 18;
+/// Most SET_VRING_ENABLE messages held before SET_FEATURES (rings per device).
+const MAX_HELD_ENABLES: usize = 64;
 /// VHOST_USER_F_PROTOCOL_FEATURES, a bit of SET_FEATURES.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// Header flags: protocol version 1, "this is a reply", "reply wanted".
@@ -335,7 +337,13 @@ fn pump_in(
                 {
                     frontend.send(&reply(SET_VRING_ENABLE, &0u64.to_le_bytes()), &[])?;
                 }
-                early_enables.push(msg.payload().to_vec());
+                // The last word per ring counts; a frontend cannot make the list grow
+                // past one entry per ring a device can have.
+                let ring = msg.payload().get(..4).map(<[u8]>::to_vec);
+                early_enables.retain(|held| held.get(..4).map(<[u8]>::to_vec) != ring);
+                if early_enables.len() < MAX_HELD_ENABLES {
+                    early_enables.push(msg.payload().to_vec());
+                }
                 continue;
             }
             SET_FEATURES if msg.payload_u64().unwrap_or(0) & F_PROTOCOL_FEATURES != 0 => {
@@ -759,6 +767,7 @@ mod tests {
         let (buf, _) = recv_one(&fe);
         assert_eq!(buf, reply(SET_VRING_ENABLE, &0u64.to_le_bytes()));
         (&fe).write_all(&enable(1)).unwrap();
+        (&fe).write_all(&enable(1)).unwrap();
         // Features without PROTOCOL_FEATURES change nothing...
         let plain = message(SET_FEATURES, &(1u64 << 32).to_le_bytes());
         (&fe).write_all(&plain).unwrap();
@@ -769,9 +778,13 @@ mod tests {
         (&fe).write_all(&features).unwrap();
         assert_eq!(recv_one(&lib).0, features);
         assert_eq!(recv_one(&lib).0, enable(0));
-        assert_eq!(recv_one(&lib).0, enable(1));
-        (&fe).write_all(&enable(1)).unwrap();
-        assert_eq!(recv_one(&lib).0, enable(1));
+        assert_eq!(
+            recv_one(&lib).0,
+            enable(1),
+            "ring 1's two enables held as one"
+        );
+        (&fe).write_all(&enable(2)).unwrap();
+        assert_eq!(recv_one(&lib).0, enable(2), "then passed on as they come");
         assert_eq!(state.failure(), None);
     }
 
