@@ -34,6 +34,10 @@ pub const SLOW_BOOT_LIMIT: Duration = Duration::from_secs(120);
 /// Extra time the host side allows beyond a command's own timeout (which the
 /// agent enforces) before declaring the agent dead.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
+/// Longest silence of the agent while a command runs: it says `FLOTILLA-AGENT-ALIVE` every
+/// 15 s, so a VM that says nothing for this long froze (lost its timers, or hangs with
+/// every CPU idle), and the command is given up at once instead of at its timeout.
+const AGENT_SILENCE: Duration = Duration::from_secs(150);
 /// L1 size, from the issue: room for a few L2 guests and the tmpfs overlay.
 const L1_MEM_MIB: u32 = 4096;
 const L1_CPUS: u32 = 2;
@@ -295,12 +299,20 @@ impl L1Vm {
         }
         let deadline = Instant::now() + Duration::from_secs(secs) + AGENT_GRACE;
         let header_prefix = format!("FLOTILLA-AGENT-RESULT {id} ");
+        let mut heard = Instant::now();
         let header = loop {
-            match self.read_line(deadline) {
+            match self.read_line(deadline.min(heard + AGENT_SILENCE)) {
                 Ok(Some(line)) => {
+                    heard = Instant::now();
                     if let Some(rest) = line.strip_prefix(&header_prefix) {
                         break rest.to_string();
                     }
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    return Err(agent_err(
+                        format!("no sign of life for {AGENT_SILENCE:?}"),
+                        &self.console_log,
+                    ))
                 }
                 Ok(None) => {
                     return Err(agent_err(
