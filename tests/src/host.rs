@@ -132,19 +132,19 @@ impl KvmHost {
                 // network test's runs): rerun on a fresh L1, a bounded number
                 // of times, each reported like a machine failure. On hardware
                 // KVM (`Mode::Direct`) a triple fault fails the test.
-                for rerun in 1..=L2_TRIPLE_FAULT_RERUNS {
+                for rerun in 1..=L2_PLATFORM_FAILURE_RERUNS {
                     let Ok(out) = &result else { break };
-                    if !reports_l2_triple_fault(out) {
+                    if !reports_l2_platform_failure(out) {
                         break;
                     }
                     let Some(l1) = vm.as_mut() else { break };
                     save_kvm_trace(l1, &root);
-                    let failure = l2_triple_fault(out, l1.console_log(), rerun);
+                    let failure = l2_platform_failure(out, l1.console_log(), rerun);
                     report_machine_failure(command, &failure);
                     result = run_on_fresh_l1(&mut vm, &full, timeout)?;
                 }
                 if let (Ok(out), Some(l1)) = (&result, vm.as_mut()) {
-                    if reports_l2_triple_fault(out) {
+                    if reports_l2_platform_failure(out) {
                         save_kvm_trace(l1, &root);
                     }
                 }
@@ -215,7 +215,7 @@ fn boot_l1() -> Result<L1Vm> {
 
 /// How many times a command whose L2 guest triple-faulted runs again on a fresh L1: at the
 /// network test's rate (~45 %) four attempts all fail about once in 25 runs.
-const L2_TRIPLE_FAULT_RERUNS: u32 = 3;
+const L2_PLATFORM_FAILURE_RERUNS: u32 = 3;
 
 /// Boots a fresh L1 in place of `vm` (dropping the old one) and runs `full` on it. An L1 that
 /// fails under the command is dropped too, so the next command boots another.
@@ -230,7 +230,7 @@ fn run_on_fresh_l1(vm: &mut Option<L1Vm>, full: &str, timeout: Duration) -> Resu
 }
 
 /// The report of an L2 triple fault: the VMM's lines about it.
-fn l2_triple_fault(out: &Output, console: &Path, rerun: u32) -> MachineFailure {
+fn l2_platform_failure(out: &Output, console: &Path, rerun: u32) -> MachineFailure {
     let text = format!("{}{}", out.stdout_str(), out.stderr_str());
     let tail = text
         .lines()
@@ -242,7 +242,7 @@ fn l2_triple_fault(out: &Output, console: &Path, rerun: u32) -> MachineFailure {
     MachineFailure {
         what: format!(
             "an L2 guest triple-faulted or looped on injected page faults (nested SVM under \
-             TCG; rerun {rerun} of {L2_TRIPLE_FAULT_RERUNS})"
+             TCG; rerun {rerun} of {L2_PLATFORM_FAILURE_RERUNS})"
         ),
         log: console.to_path_buf(),
         tail,
@@ -255,7 +255,7 @@ fn l2_triple_fault(out: &Output, console: &Path, rerun: u32) -> MachineFailure {
 /// L1's KVM failing the instruction fetch of nearly every L2 instruction it emulates and
 /// injecting a page fault instead (`pf_guest` in the millions, the guest looping on it;
 /// tests/README.md "Platform failures").
-fn reports_l2_triple_fault(out: &Output) -> bool {
+fn reports_l2_platform_failure(out: &Output) -> bool {
     let says = |bytes: &[u8]| {
         let text = String::from_utf8_lossy(bytes);
         text.contains("KVM_EXIT_SHUTDOWN")
@@ -424,7 +424,7 @@ pub fn has_hardware_kvm() -> bool {
 #[cfg(test)]
 mod panic_tests {
     use super::{
-        kvm_trace_path, l2_triple_fault, machine_failure, reports_l2_triple_fault, Output,
+        kvm_trace_path, l2_platform_failure, machine_failure, reports_l2_platform_failure, Output,
         CONSOLE_TAIL_LINES,
     };
 
@@ -435,10 +435,10 @@ mod panic_tests {
             stdout: line.as_bytes().to_vec(),
             ..Output::default()
         };
-        assert!(reports_l2_triple_fault(&out(
+        assert!(reports_l2_platform_failure(&out(
             "sample 2: kvm /sys/kernel/debug/kvm/274-10: exits=6534883 pf_guest=6232612 insn_emulation=6428439"
         )));
-        assert!(!reports_l2_triple_fault(&out(
+        assert!(!reports_l2_platform_failure(&out(
             "sample after host -> guest: kvm x: exits=65447 pf_guest=0 insn_emulation=30000"
         )));
     }
@@ -452,7 +452,7 @@ mod panic_tests {
                 .to_vec(),
             ..Output::default()
         };
-        let failure = l2_triple_fault(&out, std::path::Path::new("/t/l1-1-1.console.log"), 2);
+        let failure = l2_platform_failure(&out, std::path::Path::new("/t/l1-1-1.console.log"), 2);
         assert_eq!(
             failure.what,
             "an L2 guest triple-faulted or looped on injected page faults (nested SVM under \
@@ -470,10 +470,10 @@ mod panic_tests {
             stderr: stderr.as_bytes().to_vec(),
             ..Output::default()
         };
-        assert!(reports_l2_triple_fault(&out(
+        assert!(reports_l2_platform_failure(&out(
             "flotilla-vmm: vCPU 1: triple fault (KVM_EXIT_SHUTDOWN); rip=0xfff0"
         )));
-        assert!(!reports_l2_triple_fault(&out("RESTART-OK")));
+        assert!(!reports_l2_platform_failure(&out("RESTART-OK")));
     }
 
     #[test]
