@@ -10,12 +10,17 @@
 //! server, the guest is 10.0.2.2/24 (`tests/guest/scenarios/iperf.sh`). No traffic
 //! leaves the namespace.
 //!
-//! Usage: bench_net_vm [--runs N] [--seconds S] [--only flotilla|qemu|qemu-vhost|qemu-flotilla-net]...
+//! Usage: bench_net_vm [--runs N] [--seconds S] [--pin CPUS] [--only flotilla|qemu|qemu-vhost|qemu-flotilla-net]...
+//!
+//! The VMM and everything it starts run pinned as the tests pin them (`L2_PIN_VAR`: one
+//! CPU of the nested KVM host, none on hardware KVM); `--pin CPUS` runs them under
+//! `taskset -c CPUS` instead, `--pin all` unpinned (the iperf3 server is never pinned).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use flotilla_tests::host::L2_PIN_VAR;
 use flotilla_tests::{iperf3_guest_images, paths, shell_quote, GuestConfig, Images, KvmHost, Vmm};
 
 /// Guest size: one vCPU (the KVM host VM has two, shared with the VMM, its backend and
@@ -135,7 +140,12 @@ fn main() -> ExitCode {
 
 /// The shell script one run executes on the KVM host, inside a fresh namespace. The VMM
 /// is killed after `deadline_secs` (a hung guest still leaves its logs in the output).
-fn run_script(vmm_command: &str, deadline_secs: u64) -> String {
+fn run_script(vmm_command: &str, deadline_secs: u64, pin: Option<&str>) -> String {
+    let vmm_command = match pin {
+        Some("all") => vmm_command.to_string(),
+        Some(cpus) => format!("taskset -c {cpus} {vmm_command}"),
+        None => format!("${L2_PIN_VAR} {vmm_command}"),
+    };
     format!(
         r#"w=$(mktemp -d /tmp/flotilla-netbench.XXXXXX) || exit 1
 ip link set lo up
@@ -208,6 +218,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     let mut runs = 3usize;
     let mut secs = 10u32;
     let mut only: Vec<Variant> = Vec::new();
+    let mut pin: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -223,6 +234,7 @@ fn bench(args: &[String]) -> Result<(), String> {
                     .and_then(|v| v.parse().ok())
                     .ok_or("--seconds needs a number")?
             }
+            "--pin" => pin = Some(it.next().ok_or("--pin needs a CPU list")?.clone()),
             "--only" => {
                 let name = it.next().ok_or("--only needs a variant")?;
                 only.push(
@@ -285,7 +297,11 @@ fn bench(args: &[String]) -> Result<(), String> {
     for run in 1..=runs {
         for v in &variants {
             let ns = format!("flnb{}r{run}", std::process::id());
-            let script = run_script(&v.command(&images, secs), 120 + 4 * u64::from(secs));
+            let script = run_script(
+                &v.command(&images, secs),
+                120 + 4 * u64::from(secs),
+                pin.as_deref(),
+            );
             let cmd = format!(
                 "ulimit -c 0; ip netns add {ns} || exit 1; ip netns exec {ns} sh -c {}; st=$?; ip netns del {ns}; exit $st",
                 shell_quote(&script)

@@ -18,7 +18,7 @@ import re
 import subprocess
 import time
 
-from flotilla_qmp import alive, children, connect_unix, wait_for, driver_args, finish, reader, run_dir
+from flotilla_qmp import launch, alive, children, connect_unix, wait_for, driver_args, finish, reader, run_dir
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -42,7 +42,7 @@ def main():
     run = run_dir("balloon")
     qmp_path, serial = f"{run}/qmp.sock", f"{run}/serial.log"
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=balloon"
-    vm = subprocess.Popen(
+    vm = launch(
         [a.flotilla, "-name", "balloon", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "1024", "-smp", "2", "-serial", f"file:{serial}",
          "-device", "virtio-balloon-device,deflate-on-oom=true",

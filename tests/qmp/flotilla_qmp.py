@@ -2,7 +2,9 @@
 this is what `ncat -U` users see), plus small helpers for watching a VM from the host."""
 import json
 import os
+import shlex
 import socket
+import subprocess
 import time
 
 
@@ -105,6 +107,14 @@ def state(pid):
 def alive(pid):
     s = state(pid)
     return s is not None and s != "Z"
+
+
+def launch(argv, **kwargs):
+    """Starts the VMM (`argv`) as the test harness wants every L2 VMM started: behind
+    $FLOTILLA_L2_PIN (`taskset -c 0` on the nested KVM host, tests/src/host.rs
+    `L2_PIN_VAR`; empty on hardware KVM). taskset execs the VMM: the pid is flotilla's."""
+    prefix = shlex.split(os.environ.get("FLOTILLA_L2_PIN", ""))
+    return subprocess.Popen(prefix + argv, **kwargs)
 
 
 def driver_args(**extra):

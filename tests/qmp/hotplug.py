@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 
-from flotilla_qmp import alive, children, connect_unix, wait_for, driver_args, finish, reader, run_dir
+from flotilla_qmp import launch, alive, children, connect_unix, wait_for, driver_args, finish, reader, run_dir
 
 
 def main():
@@ -37,7 +37,7 @@ def main():
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=hotplug"
     # One vCPU, as restart.py and net.py: an L2 vCPU-1 triple fault ended this test once
     # (tests/README.md "Platform failures").
-    vm = subprocess.Popen(
+    vm = launch(
         [a.flotilla, "-name", "hotplug", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "256", "-smp", "1", "-serial", f"file:{serial}",
          "-drive", f"id=cold,file={images['cold']},if=none,direct=off",
@@ -172,7 +172,7 @@ def main():
 
         # 7. SIGKILL of the gateway takes the core and a hot-plugged backend with it.
         qmp2 = f"{run}/qmp2.sock"
-        second = subprocess.Popen(
+        second = launch(
             [a.flotilla, "-kernel", a.kernel, "-initrd", a.initrd, "-append", "console=ttyS0 quiet flotilla.scenario=hotplug",
              "-m", "256", "-serial", f"file:{run}/serial2.log", "-qmp", f"unix:{qmp2},server,nowait"],
             stdin=subprocess.DEVNULL)

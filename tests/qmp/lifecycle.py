@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 
-from flotilla_qmp import Qmp, wait_for
+from flotilla_qmp import launch, Qmp, wait_for
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=powerbutton"
-    vm = subprocess.Popen(
+    vm = launch(
         [a.flotilla, "-name", "lifecycle", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "256", "-smp", "2", "-serial", f"file:{serial}",
          "-qmp", f"unix:{qmp_path},server,nowait", "-qmp", f"tcp:127.0.0.1:{port},server,nowait"],

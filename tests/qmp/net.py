@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 
-from flotilla_qmp import (alive, connect_unix, dump_devices, wait_for, driver_args, finish, reader,
+from flotilla_qmp import (launch, alive, connect_unix, dump_devices, wait_for, driver_args, finish, reader,
                           run_dir)
 
 MIB = 1 << 20
@@ -158,7 +158,7 @@ def main():
     # Two vCPUs. With one the guest died (triple fault or freeze) in 5 of 10 runs, mostly
     # seconds into its transmit, with two in 2 of 4: not the vCPU count (tests/README.md
     # "Platform failures").
-    vm = subprocess.Popen(
+    vm = launch(
         [a.flotilla, "-name", "net", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "256", "-smp", "2", "-serial", f"file:{serial}",
          "-netdev", "tap,id=net0,ifname=fltap0",

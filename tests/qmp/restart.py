@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 
-from flotilla_qmp import alive, connect_unix, dump_devices, wait_for, driver_args, finish, reader, run_dir
+from flotilla_qmp import launch, alive, connect_unix, dump_devices, wait_for, driver_args, finish, reader, run_dir
 
 KILLS = [("SIGKILL", signal.SIGKILL), ("SIGSEGV", signal.SIGSEGV), ("SIGABRT", signal.SIGABRT)]
 
@@ -36,7 +36,7 @@ def main():
     # 2-vCPU guest, with L1's KVM then stuck in kvm_vcpu_reset (nested SVM under TCG, see
     # tests/README.md "Platform failures"); multi-vCPU guests are covered by the boot,
     # lifecycle and balloon tests.
-    vm = subprocess.Popen(
+    vm = launch(
         [a.flotilla, "-name", "restart", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "256", "-smp", "1", "-serial", f"file:{serial}",
          "-drive", f"id=d0,file={image},if=none,direct=off",

@@ -118,7 +118,12 @@ impl GuestConfig {
                 });
             }
         }
-        let command = self.command_line(&images);
+        // Pinned like every L2 VMM on the nested KVM host (`L2_PIN_VAR`).
+        let command = format!(
+            "${} {}",
+            crate::host::L2_PIN_VAR,
+            self.command_line(&images)
+        );
         let output = KvmHost::get().run(&command, self.timeout)?;
         Ok(GuestRun {
             vmm: self.vmm,

@@ -90,9 +90,10 @@ impl KvmHost {
     /// are killed and [`Error::Timeout`] carries the output so far.
     pub fn run(&self, command: &str, timeout: Duration) -> Result<Output> {
         let root = paths::workspace_root();
-        let full = format!("cd {} && {}", shell_quote(&root.to_string_lossy()), command);
+        let cd = format!("cd {}", shell_quote(&root.to_string_lossy()));
         match &self.mode {
             Mode::Direct => {
+                let full = format!("{cd} && {command}");
                 let result = process::run_with_timeout(
                     Command::new("sh").arg("-c").arg(&full).current_dir(&root),
                     timeout,
@@ -100,6 +101,10 @@ impl KvmHost {
                 rename_timeout(result, command)
             }
             Mode::Nested(vm) => {
+                let full = format!(
+                    "{cd} && export {L2_PIN_VAR}={} && {command}",
+                    shell_quote(&l2_pin())
+                );
                 // A test that panicked while holding the lock leaves the VM in
                 // a consistent state (commands are whole round trips), so a
                 // poisoned lock is simply taken over.
@@ -211,6 +216,28 @@ fn boot_l1() -> Result<L1Vm> {
         }
     }
     Ok(vm)
+}
+
+/// The environment variable every command on the nested KVM host finds set
+/// to the prefix that starts an L2 VMM (`$FLOTILLA_L2_PIN flotilla ...` in
+/// shell, `flotilla_qmp.vmm_argv` in the Python drivers): `taskset -c 0`,
+/// so that the VMM, its vCPUs and its device backends share one L1 CPU.
+/// Why: under nested SVM in TCG an L2 guest dies (triple fault, frozen
+/// vCPU) when a backend serves its rings from the other L1 CPU while the
+/// vCPU runs, whatever the backend: flotilla-net, the kernel's vhost-net
+/// (tests/README.md "Platform failures"). Pinned, 8 of 8 iperf runs passed
+/// against 5 of 9 unpinned. Unset on hardware KVM, where the VMM runs as a
+/// user would run it. `FLOTILLA_L2_CPUS` on the outer host picks other L1
+/// CPUs (`0-1`), or `all` for no pinning.
+pub const L2_PIN_VAR: &str = "FLOTILLA_L2_PIN";
+
+/// The value of [`L2_PIN_VAR`] for this run.
+fn l2_pin() -> String {
+    match std::env::var("FLOTILLA_L2_CPUS").as_deref() {
+        Ok("all") | Ok("") => String::new(),
+        Ok(cpus) => format!("taskset -c {cpus}"),
+        Err(_) => "taskset -c 0".to_string(),
+    }
 }
 
 /// How many times a command whose L2 guest triple-faulted runs again on a fresh L1: at the

@@ -104,7 +104,7 @@ fn stratovirt_drive_and_device_through_the_gateway() {
     let flotilla = flotilla_tests::paths::program("flotilla");
     let script = format!(
         "rm -rf {work} && mkdir -p {work} && cp {src} {work}/disk.img && \
-         {flotilla} -name gw -kernel {kernel} -initrd {initrd} \
+         $FLOTILLA_L2_PIN {flotilla} -name gw -kernel {kernel} -initrd {initrd} \
            -append 'console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=vda' -m 256 \
            -serial stdio -drive id=d0,file={work}/disk.img,if=none,direct=off \
            -device virtio-blk-device,drive=d0,id=disk0,serial=GW0 \
