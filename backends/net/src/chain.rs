@@ -76,6 +76,27 @@ pub struct Gathered {
     pub len: usize,
 }
 
+/// Copies `iov` into `out` with neighbours that touch in host memory
+/// merged into one iovec.
+///
+/// The bytes a `readv`/`writev` moves and where each lands do not depend on
+/// how a contiguous range is cut into iovecs, but the kernel's cost does:
+/// it imports every iovec (allocating past 8) and steps its copy per
+/// segment. A Linux guest carves receive buffers from large page
+/// fragments, so the buffers of one big frame are often back to back.
+pub fn coalesce(iov: &[libc::iovec], out: &mut Vec<libc::iovec>) {
+    out.clear();
+    for v in iov {
+        if let Some(last) = out.last_mut() {
+            if (last.iov_base as usize).checked_add(last.iov_len) == Some(v.iov_base as usize) {
+                last.iov_len += v.iov_len;
+                continue;
+            }
+        }
+        out.push(*v);
+    }
+}
+
 /// Appends the host iovecs and guest segments of `descs` (address, length,
 /// device-writable) to `iov` and `segs`. On error nothing is appended.
 pub fn gather<I>(
@@ -353,6 +374,36 @@ mod tests {
         let five: Vec<_> = (0..5).map(|i| (i * 0x100, 10, false)).collect();
         let (r, _, _) = run(&five, Direction::DeviceReads, &TX);
         assert_eq!(r, Err(ChainError::TooManySegments(4)));
+    }
+
+    #[test]
+    fn touching_iovecs_are_merged_and_gaps_kept() {
+        let mut buf = vec![0u8; 64];
+        let base = buf.as_mut_ptr();
+        let at = |off: usize, len: usize| libc::iovec {
+            // SAFETY: in bounds of `buf` (only the addresses are compared).
+            iov_base: unsafe { base.add(off) }.cast(),
+            iov_len: len,
+        };
+        let iov = [
+            at(0, 8),
+            at(8, 8),
+            at(16, 4),
+            at(24, 8),
+            at(32, 0),
+            at(32, 16),
+        ];
+        let mut out = Vec::new();
+        coalesce(&iov, &mut out);
+        let got: Vec<(usize, usize)> = out
+            .iter()
+            .map(|v| (v.iov_base as usize - base as usize, v.iov_len))
+            .collect();
+        assert_eq!(got, vec![(0, 20), (24, 24)]);
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        assert_eq!(out.iter().map(|v| v.iov_len).sum::<usize>(), total);
+        coalesce(&[], &mut out);
+        assert!(out.is_empty(), "cleared first");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!
 //! Frames go straight from the tap into guest memory with one `readv`
 //! over the iovecs of the popped chains: with MRG_RXBUF over as many
-//! chains as a 64 KiB frame could need, without it into one chain. Only
+//! chains as a 64 KiB frame could need, without it into one chain;
+//! buffers that touch in memory go in as one iovec. Only
 //! when the guest has posted less room than that does a frame go through a
 //! bounce buffer, to be copied once its length is known (and kept until
 //! the guest posts enough, or dropped if the whole ring cannot hold it).
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::chain::{self, Direction, Limits, Segment};
@@ -72,6 +73,8 @@ struct Popped {
     blocked: bool,
     /// (head, length) of the frame being completed (scratch, reused).
     used: Vec<(u16, u32)>,
+    /// The `readv`'s iovecs with touching buffers merged (scratch, reused).
+    merged: Vec<libc::iovec>,
     /// Used index when the driver was last considered for an interrupt.
     signalled_at: u16,
     /// Buffers (used elements) completed since: a 64 KB frame over 4 KiB
@@ -280,7 +283,8 @@ impl RxQueue {
                 } else {
                     p.chains[0].end
                 };
-                self.tap.readv(&p.iov[start..end])
+                chain::coalesce(&p.iov[start..end], &mut p.merged);
+                self.tap.readv(&p.merged)
             } else {
                 let iov = [libc::iovec {
                     iov_base: self.bounce.as_mut_ptr().cast(),
@@ -372,8 +376,18 @@ impl RxQueue {
                 !p.chains.is_empty()
             }
         };
+        // One look at the avail index for the whole top-up (a 64 KB frame
+        // pops 16 chains); what the driver posts meanwhile is seen by the
+        // next top-up or by the re-check after enabling notifications.
+        let mut avail = match state.get_queue_mut().iter(m) {
+            Ok(avail) => avail,
+            Err(e) => {
+                warn_limited!(self.warn, "rx: reading the avail ring: {e}");
+                return;
+            }
+        };
         while !p.blocked && !enough(p) && p.live_iovecs() + MAX_CHAIN_SEGMENTS <= MAX_IOVECS {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(m) else {
+            let Some(chain) = avail.next() else {
                 return;
             };
             let head = chain.head_index();
@@ -562,11 +576,12 @@ fn signal(
 }
 
 /// With EVENT_IDX, how many buffers the receive queue fills before asking
-/// whether the driver wants an interrupt within a pass: a quarter of the
-/// ring. Often enough that a driver refills before the ring runs dry (a
-/// 64 KB frame takes 16 of 256 4 KiB buffers), rarely enough that a driver
-/// asking for an interrupt at its next used buffer (NAPI) is not woken for
-/// every frame.
+/// whether the driver wants an interrupt within a pass: half the ring.
+/// Often enough that a driver refills one half while the device fills the
+/// other, rarely enough that a driver asking for an interrupt at its next
+/// used buffer (NAPI) is not woken for every few frames: a 64 KB frame
+/// takes 16 of 256 4 KiB buffers, and waking a sleeping driver costs about
+/// as much as receiving one such frame (docs/PERFORMANCE.md).
 fn rx_signal_every(state: &VringState<GuestMemoryAtomic<GuestMem>>) -> usize {
-    usize::from(state.get_queue().size() / 4).max(1)
+    usize::from(state.get_queue().size() / 2).max(1)
 }

@@ -56,7 +56,16 @@ fn guest_rx(d: &mut Driver, slot_len: u32) -> Option<([u8; VNET_HDR], Vec<u8>)> 
 /// Like [`guest_rx`], but keeps the buffers (counted in `kept`): the caller
 /// gives them back, in batches as a NAPI poll does.
 fn guest_rx_keeping(d: &mut Driver, kept: &mut usize) -> Option<([u8; VNET_HDR], Vec<u8>)> {
-    let addr = |h: u16| RX_BUFS + u64::from(h) * RX_SLOT;
+    guest_rx_strided(d, kept, RX_SLOT)
+}
+
+/// Like [`guest_rx_keeping`] for buffers at `RX_BUFS + head * stride`.
+fn guest_rx_strided(
+    d: &mut Driver,
+    kept: &mut usize,
+    stride: u64,
+) -> Option<([u8; VNET_HDR], Vec<u8>)> {
+    let addr = |h: u16| RX_BUFS + u64::from(h) * stride;
     loop {
         let (head, len) = d.wait_used(RX, T)?;
         *kept += 1;
@@ -253,11 +262,32 @@ fn mixed_frame_sizes_arrive_intact_in_linux_sized_buffers() {
     // (buffers posted, given back in batches of): a roomy ring, and rings
     // a 64 KB frame can outgrow (the frame waits in the bounce buffer).
     for (posted, batch) in [(250, 64), (60, 32), (30, 8)] {
-        mixed_frames(posted, batch);
+        mixed_frames(posted, batch, Layout::Slots);
     }
 }
 
-fn mixed_frames(posted: usize, batch: usize) {
+/// The same mix into buffers packed as a guest carves them from big page
+/// fragments: head h's buffer at h * 4 KiB, half of them a full 4 KiB (so
+/// it touches the next head's), the rest shorter (a gap). The backend
+/// reads touching buffers as one iovec; every frame must still land
+/// buffer by buffer with the right lengths.
+#[test]
+fn frames_arrive_intact_over_buffers_that_touch_in_memory() {
+    for (posted, batch) in [(250, 64), (60, 16)] {
+        mixed_frames(posted, batch, Layout::Packed);
+    }
+}
+
+/// Where the receive buffers of [`mixed_frames`] go.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// Each head in its own 64 KiB slot, 1.5–4 KiB long: never touching.
+    Slots,
+    /// Head h at h * 4 KiB, 4 KiB long or shorter: often touching.
+    Packed,
+}
+
+fn mixed_frames(posted: usize, batch: usize, layout: Layout) {
     let mut s = setup(
         F_MRG_RXBUF | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4,
         &[],
@@ -267,9 +297,20 @@ fn mixed_frames(posted: usize, batch: usize) {
         seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
         seed >> 8
     };
+    let stride = match layout {
+        Layout::Slots => RX_SLOT,
+        Layout::Packed => 4096,
+    };
+    let post = |d: &mut Driver, r: u32| {
+        let len = match layout {
+            Layout::Packed if r % 2 == 0 => 4096,
+            _ => 1536 + (r >> 1) % 2560,
+        };
+        let addr = RX_BUFS + u64::from(d.next_head(RX)) * stride;
+        d.post(RX, &[wr(addr, len)], false);
+    };
     for _ in 0..posted {
-        let len = 1536 + next() % 2560;
-        s.d.post_rx_slot(len, false);
+        post(&mut s.d, next());
     }
     s.d.kick(RX);
     let vsock = s.ns.packet_socket("fnt0", true);
@@ -299,13 +340,12 @@ fn mixed_frames(posted: usize, batch: usize) {
             sent.push(frame);
         }
         for (k, frame) in sent.iter().enumerate() {
-            let (_, got) = guest_rx_keeping(&mut s.d, &mut kept).expect("frame");
+            let (_, got) = guest_rx_strided(&mut s.d, &mut kept, stride).expect("frame");
             assert_eq!(got.len(), frame.len(), "{posted}/{batch}: frame {i}+{k}");
             assert!(got == *frame, "{posted}/{batch}: frame {i}+{k} differs");
             if kept >= batch {
                 for _ in 0..kept {
-                    let len = 1536 + next() % 2560;
-                    s.d.post_rx_slot(len, false);
+                    post(&mut s.d, next());
                 }
                 s.d.kick(RX);
                 kept = 0;
