@@ -155,12 +155,14 @@ def main():
     for t in threads:
         t.start()
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=net"
-    # Two vCPUs. With one the guest died (triple fault or freeze) in 5 of 10 runs, mostly
-    # seconds into its transmit, with two in 2 of 4: not the vCPU count (tests/README.md
-    # "Platform failures").
+    # One vCPU. Unpinned, the guest died (triple fault or freeze) with one vCPU in 5 of 10
+    # runs and with two in 2 of 4 (tests/README.md "Platform failures"): not the vCPU count.
+    # What stopped the deaths is launch()'s pinning of the VMM and its backends to one L1
+    # CPU; pinned, a 2-vCPU guest still froze once (its vCPUs time-sliced on that CPU,
+    # one in a PV sched_yield loop waiting for the other), a 1-vCPU one never (8 iperf runs).
     vm = launch(
         [a.flotilla, "-name", "net", "-kernel", a.kernel, "-initrd", a.initrd,
-         "-append", append, "-m", "256", "-smp", "2", "-serial", f"file:{serial}",
+         "-append", append, "-m", "256", "-smp", "1", "-serial", f"file:{serial}",
          "-netdev", "tap,id=net0,ifname=fltap0",
          "-device", "virtio-net-device,netdev=net0,id=nic0,mac=52:54:00:12:34:56",
          "-qmp", f"unix:{qmp_path},server,nowait"],

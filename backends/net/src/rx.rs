@@ -547,10 +547,8 @@ impl RxQueue {
         used: &[(u16, u32)],
     ) {
         let q = state.get_queue_mut();
-        for (i, (head, len)) in used.iter().enumerate() {
-            if let Err(e) = ring::write_used(m, q, i as u16, *head, *len) {
-                log::error!("rx: writing the used ring: {e}");
-            }
+        if let Err(e) = ring::write_used(m, q, used) {
+            log::error!("rx: writing the used ring: {e}");
         }
         if let Err(e) = ring::publish(m, q, used.len() as u16) {
             log::error!("rx: publishing the used ring: {e}");
