@@ -262,14 +262,17 @@ fn l2_platform_failure(out: &Output, console: &Path, rerun: u32) -> MachineFailu
     let tail = text
         .lines()
         .filter(|l| {
-            l.contains("KVM_EXIT_SHUTDOWN") || l.contains("triple fault") || l.contains("pf_guest=")
+            l.contains("KVM_EXIT_SHUTDOWN")
+                || l.contains("triple fault")
+                || l.contains("pf_guest=")
+                || l.contains(L2_GUEST_FROZEN)
         })
         .collect::<Vec<_>>()
         .join("\n");
     MachineFailure {
         what: format!(
-            "an L2 guest triple-faulted or looped on injected page faults (nested SVM under \
-             TCG; rerun {rerun} of {L2_PLATFORM_FAILURE_RERUNS})"
+            "an L2 guest triple-faulted, looped on injected page faults or froze (nested SVM \
+             under TCG; rerun {rerun} of {L2_PLATFORM_FAILURE_RERUNS})"
         ),
         log: console.to_path_buf(),
         tail,
@@ -281,12 +284,14 @@ fn l2_platform_failure(out: &Output, console: &Path, rerun: u32) -> MachineFailu
 /// the other face of the same platform failure, which tests/qmp/net.py's stall report shows:
 /// L1's KVM failing the instruction fetch of nearly every L2 instruction it emulates and
 /// injecting a page fault instead (`pf_guest` in the millions, the guest looping on it;
-/// tests/README.md "Platform failures").
+/// tests/README.md "Platform failures"); or net.py's verdict on a stuck transfer that the
+/// guest as a whole froze ([`L2_GUEST_FROZEN`]).
 fn reports_l2_platform_failure(out: &Output) -> bool {
     let says = |bytes: &[u8]| {
         let text = String::from_utf8_lossy(bytes);
         text.contains("KVM_EXIT_SHUTDOWN")
             || text.contains("triple fault")
+            || text.contains(L2_GUEST_FROZEN)
             || text
                 .split_whitespace()
                 .filter_map(|w| w.strip_prefix("pf_guest=")?.parse::<u64>().ok())
@@ -294,6 +299,12 @@ fn reports_l2_platform_failure(out: &Output) -> bool {
     };
     says(&out.stdout) || says(&out.stderr)
 }
+
+/// What tests/qmp/net.py prints when a transfer is stuck because the whole guest froze: its
+/// heartbeat (a shell loop on its serial console) went silent while every vCPU thread was in
+/// KVM_RUN. A stuck queue in a live guest (a lost interrupt: flotilla's failure) keeps the
+/// heartbeat going; a vCPU held in the VM core is not in KVM_RUN; both fail the test.
+const L2_GUEST_FROZEN: &str = "L2 guest frozen: no heartbeat";
 
 /// Page faults L1's KVM injected into an L2 guest past which they are the platform's: a
 /// healthy network test injects none, the failure millions.
@@ -456,6 +467,21 @@ mod panic_tests {
     };
 
     #[test]
+    fn a_frozen_guest_counts_as_the_platform_failure_a_stuck_queue_does_not() {
+        let out = |text: &str| Output {
+            status: 1,
+            stdout: text.as_bytes().to_vec(),
+            ..Output::default()
+        };
+        assert!(reports_l2_platform_failure(&out(
+            "net: 100 MiB host -> guest in 28.1 s, md5 ok\nflotilla-tests: L2 guest frozen: no heartbeat in 30 s while its vCPU threads run in KVM_RUN\n"
+        )));
+        assert!(!reports_l2_platform_failure(&out(
+            "guest heartbeats in 30 s: 3; vCPU threads all in KVM_RUN: True\nTimeoutError: guest result 'tx sent'\n"
+        )));
+    }
+
+    #[test]
     fn millions_of_injected_page_faults_count_as_the_platform_failure() {
         let out = |line: &str| Output {
             status: 1,
@@ -482,8 +508,8 @@ mod panic_tests {
         let failure = l2_platform_failure(&out, std::path::Path::new("/t/l1-1-1.console.log"), 2);
         assert_eq!(
             failure.what,
-            "an L2 guest triple-faulted or looped on injected page faults (nested SVM under \
-             TCG; rerun 2 of 3)"
+            "an L2 guest triple-faulted, looped on injected page faults or froze (nested SVM \
+             under TCG; rerun 2 of 3)"
         );
         assert_eq!(
             failure.tail,

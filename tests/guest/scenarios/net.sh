@@ -14,11 +14,15 @@ wait_carrier() {
 # Stall reporter: while a transfer runs (/tmp/xfer names it), when eth0's packet counters
 # stop moving for 20 s, print once what the guest sees (counters, the NIC's interrupts, the
 # TCP sockets' queues and retransmits), so a failed run says which side stopped.
+# It also prints a heartbeat every 10 s: a guest that stops printing it while its vCPUs keep
+# running has frozen as a whole (tests/qmp/net.py tells that from a stuck transfer).
 stats() { for c in rx_packets tx_packets rx_dropped tx_dropped; do printf '%s=%s ' $c "$(cat /sys/class/net/eth0/statistics/$c)"; done; }
 (
-    last="" still=0 told=0
+    last="" still=0 told=0 beat=0
     while :; do
         sleep 5
+        beat=$((beat + 1))
+        [ $((beat % 2)) = 0 ] && echo "FLOTILLA-GUEST-ALIVE $beat"
         [ -e /tmp/xfer ] || { still=0 told=0; continue; }
         now=$(stats)
         if [ "$now" = "$last" ]; then still=$((still + 5)); else still=0 told=0; fi
