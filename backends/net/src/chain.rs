@@ -197,7 +197,7 @@ where
 /// The host address of `addr` if `addr..addr + len` lies inside one
 /// region (the check [`GuestMemoryBackend::check_range`] makes, without
 /// walking slices); None if it crosses regions or leaves guest memory.
-fn within_one_region(mem: &GuestMem, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+pub(crate) fn within_one_region(mem: &GuestMem, addr: GuestAddress, len: usize) -> Option<*mut u8> {
     let region = mem.find_region(addr)?;
     let offset = addr.0 - region.start_addr().0;
     let end = offset.checked_add(len as u64)?;

@@ -27,7 +27,7 @@ use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::chain::{self, Direction, Limits, Segment};
 use crate::config::Negotiated;
@@ -376,9 +376,58 @@ impl RxQueue {
                 !p.chains.is_empty()
             }
         };
+        let wants_more = |p: &Popped| {
+            !p.blocked && !enough(p) && p.live_iovecs() + MAX_CHAIN_SEGMENTS <= MAX_IOVECS
+        };
+        let Some(view) = ring::AvailView::new(m, state.get_queue()) else {
+            // Rings outside one memory region: every access through `virtio-queue`.
+            return self.top_up_through_queue(state, m, p, wants_more);
+        };
         // One look at the avail index for the whole top-up (a 64 KB frame
         // pops 16 chains); what the driver posts meanwhile is seen by the
         // next top-up or by the re-check after enabling notifications.
+        let avail_idx = view.avail_idx();
+        let q = state.get_queue_mut();
+        if avail_idx.wrapping_sub(q.next_avail()) > q.size() {
+            warn_limited!(
+                self.warn,
+                "rx: avail index {avail_idx} is more than a ring ahead of {}",
+                q.next_avail()
+            );
+            return;
+        }
+        while wants_more(p) {
+            let at = q.next_avail();
+            if at == avail_idx {
+                return;
+            }
+            match view.simple_chain(at) {
+                Some(c) => {
+                    q.set_next_avail(at.wrapping_add(1));
+                    self.take_chain(c.head, [(c.addr, c.len, c.writable)], m, p);
+                }
+                None => {
+                    // Chained, indirect or a bad head: `virtio-queue` pops it (the
+                    // same entry) and walks it with all its checks.
+                    let Some(chain) = q.pop_descriptor_chain(m) else {
+                        return;
+                    };
+                    let head = chain.head_index();
+                    let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+                    self.take_chain(head, descs, m, p);
+                }
+            }
+        }
+    }
+
+    /// [`top_up`](Self::top_up) with every ring access through `virtio-queue`.
+    fn top_up_through_queue(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        m: &GuestMem,
+        p: &mut Popped,
+        wants_more: impl Fn(&Popped) -> bool,
+    ) {
         let mut avail = match state.get_queue_mut().iter(m) {
             Ok(avail) => avail,
             Err(e) => {
@@ -386,53 +435,67 @@ impl RxQueue {
                 return;
             }
         };
-        while !p.blocked && !enough(p) && p.live_iovecs() + MAX_CHAIN_SEGMENTS <= MAX_IOVECS {
+        while wants_more(p) {
             let Some(chain) = avail.next() else {
                 return;
             };
             let head = chain.head_index();
-            let start = p.iov.len();
-            let limits = Limits {
-                max_segments: MAX_CHAIN_SEGMENTS,
-                max_len: MAX_BUFFER,
-                truncate: true,
-            };
-            let gathered = chain::gather(
+            self.take_chain(
+                head,
                 chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
                 m,
-                Direction::DeviceWrites,
-                &limits,
-                &mut p.iov,
-                &mut p.segs,
+                p,
             );
-            let (len, bad) = match gathered {
-                Ok(g) if g.len >= HEADER_LEN => (g.len, None),
-                Ok(g) => {
-                    // Keep the (useless) segments out of the readv.
-                    p.iov.truncate(start);
-                    p.segs.truncate(start);
-                    (0, Some(format!("{} bytes cannot hold the header", g.len)))
-                }
-                Err(e) => (0, Some(e.to_string())),
-            };
-            if let Some(why) = &bad {
-                Stats::add(&self.stats.rx_bad_buffers, 1);
-                warn_limited!(self.warn, "rx: receive chain {head} refused: {why}");
-            }
-            let rx = RxChain {
-                head,
-                start,
-                end: p.iov.len(),
-                len,
-                bad: bad.is_some(),
-            };
-            if rx.bad {
-                p.blocked = true;
-            } else {
-                p.room += rx.len;
-            }
-            p.chains.push_back(rx);
         }
+    }
+
+    /// Checks the popped chain `head` (its descriptors `descs`) and queues it: its iovecs
+    /// for the next `readv`, or as a bad chain to complete empty in its turn.
+    fn take_chain<I>(&self, head: u16, descs: I, m: &GuestMem, p: &mut Popped)
+    where
+        I: IntoIterator<Item = (GuestAddress, u32, bool)>,
+    {
+        let start = p.iov.len();
+        let limits = Limits {
+            max_segments: MAX_CHAIN_SEGMENTS,
+            max_len: MAX_BUFFER,
+            truncate: true,
+        };
+        let gathered = chain::gather(
+            descs,
+            m,
+            Direction::DeviceWrites,
+            &limits,
+            &mut p.iov,
+            &mut p.segs,
+        );
+        let (len, bad) = match gathered {
+            Ok(g) if g.len >= HEADER_LEN => (g.len, None),
+            Ok(g) => {
+                // Keep the (useless) segments out of the readv.
+                p.iov.truncate(start);
+                p.segs.truncate(start);
+                (0, Some(format!("{} bytes cannot hold the header", g.len)))
+            }
+            Err(e) => (0, Some(e.to_string())),
+        };
+        if let Some(why) = &bad {
+            Stats::add(&self.stats.rx_bad_buffers, 1);
+            warn_limited!(self.warn, "rx: receive chain {head} refused: {why}");
+        }
+        let rx = RxChain {
+            head,
+            start,
+            end: p.iov.len(),
+            len,
+            bad: bad.is_some(),
+        };
+        if rx.bad {
+            p.blocked = true;
+        } else {
+            p.room += rx.len;
+        }
+        p.chains.push_back(rx);
     }
 
     /// End (in `iov`) of the good chains before the first bad one.
