@@ -23,6 +23,11 @@ stats() { for c in rx_packets tx_packets rx_dropped tx_dropped; do printf '%s=%s
         sleep 5
         beat=$((beat + 1))
         [ $((beat % 2)) = 0 ] && echo "FLOTILLA-GUEST-ALIVE $beat"
+        # Every minute of a transfer: how far it got and the NIC's interrupt counts, so a
+        # transfer that crawls (a completion interrupt that never came shows as a TX
+        # count standing still) says so before its timeout.
+        [ -e /tmp/xfer ] && [ $((beat % 12)) = 0 ] &&
+            echo "net progress in $(cat /tmp/xfer): $(stats)irqs=[$(grep -i virtio /proc/interrupts | tr -s ' ' | tr '\n' ';')]"
         [ -e /tmp/xfer ] || { still=0 told=0; continue; }
         now=$(stats)
         if [ "$now" = "$last" ]; then still=$((still + 5)); else still=0 told=0; fi
