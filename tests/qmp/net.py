@@ -230,7 +230,11 @@ def main():
         print(f"net: 100 MiB host -> guest in {time.time() - t0:.1f} s, md5 ok", flush=True)
         want = result("tx want")
         t0 = time.time()
-        result("tx sent")
+        # Up to 900 s, not 300: pinned to one L1 CPU with the vCPU (flotilla_qmp.launch), the
+        # backend runs only when the guest's vCPU yields it the CPU, and a guest -> host
+        # stream sometimes falls into sending one frame per such turn (~330 frames/s, a
+        # steady crawl: tests/README.md "Platform failures", session 7). The md5 is the test.
+        result("tx sent", 900)
         threads[1].join(60)
         events[0] = print_vm_events("guest -> host", events[0])
         print_kvm_exits("after guest -> host")
