@@ -43,8 +43,9 @@ def main():
     qmp_path, serial = f"{run}/qmp.sock", f"{run}/serial.log"
     append = "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=balloon"
     # One vCPU, as every I/O-heavy driver here: pinned to one L1 CPU on the nested KVM host
-    # (flotilla_qmp.launch), two vCPUs time-slice there and a 2-vCPU network guest froze
-    # once that way (tests/README.md "Platform failures", session 7).
+    # (flotilla_qmp.launch), two vCPUs time-slice there with the backend; one vCPU is what
+    # the other I/O drivers and the iperf runs use (tests/README.md "Platform failures",
+    # session 7).
     vm = launch(
         [a.flotilla, "-name", "balloon", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "1024", "-smp", "1", "-serial", f"file:{serial}",

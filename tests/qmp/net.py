@@ -187,8 +187,8 @@ def main():
     # One vCPU. Unpinned, the guest died (triple fault or freeze) with one vCPU in 5 of 10
     # runs and with two in 2 of 4 (tests/README.md "Platform failures"): not the vCPU count.
     # What stopped the deaths is launch()'s pinning of the VMM and its backends to one L1
-    # CPU; pinned, a 2-vCPU guest still froze once (its vCPUs time-sliced on that CPU,
-    # one in a PV sched_yield loop waiting for the other), a 1-vCPU one never (8 iperf runs).
+    # CPU; pinned, a 2-vCPU guest time-slices its vCPUs with the backend on that CPU (one
+    # stalled run had a vCPU in a PV sched_yield loop), a 1-vCPU one is what iperf ran.
     vm = launch(
         [a.flotilla, "-name", "net", "-kernel", a.kernel, "-initrd", a.initrd,
          "-append", append, "-m", "256", "-smp", "1", "-serial", f"file:{serial}",
