@@ -19,13 +19,13 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 /// Size of one split-ring descriptor (`struct virtq_desc`).
-const DESC_LEN: u64 = 16;
+pub const DESC_LEN: u64 = 16;
 /// `VIRTQ_DESC_F_NEXT`.
-const F_NEXT: u16 = 1;
+pub const F_NEXT: u16 = 1;
 /// `VIRTQ_DESC_F_WRITE`.
-const F_WRITE: u16 = 2;
+pub const F_WRITE: u16 = 2;
 /// `VIRTQ_DESC_F_INDIRECT`.
-const F_INDIRECT: u16 = 4;
+pub const F_INDIRECT: u16 = 4;
 
 /// One descriptor of a chain, as the device uses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

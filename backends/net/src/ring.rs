@@ -19,6 +19,8 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
+use flotilla_backend::chain::{ChainDescriptor, DESC_LEN, F_INDIRECT, F_NEXT, F_WRITE};
+
 use crate::GuestMem;
 
 /// With EVENT_IDX, a queue asks whether the driver wants an interrupt after
@@ -61,23 +63,13 @@ pub fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>, time: 
     }
 }
 
-/// Descriptor flags the fast path leaves to `virtio-queue`.
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_INDIRECT: u16 = 4;
-/// Device-writable descriptor.
-const VRING_DESC_F_WRITE: u16 = 2;
-
 /// A one-descriptor chain read through an [`AvailView`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimpleChain {
     /// Head index (the descriptor's own).
     pub head: u16,
-    /// Buffer address, length and whether the device may write it.
-    pub addr: GuestAddress,
-    /// Buffer length.
-    pub len: u32,
-    /// VRING_DESC_F_WRITE.
-    pub writable: bool,
+    /// The descriptor.
+    pub desc: ChainDescriptor,
 }
 
 /// Host pointers to a split ring's descriptor table and avail ring, checked once (inside
@@ -104,7 +96,7 @@ impl<'a> AvailView<'a> {
         if size == 0 || q.desc_table() % 16 != 0 || q.avail_ring() % 2 != 0 {
             return None;
         }
-        let desc_len = usize::from(size) * 16;
+        let desc_len = usize::from(size) * DESC_LEN as usize;
         let avail_len = AVAIL_HEADER as usize + usize::from(size) * 2 + 2;
         let desc = crate::chain::within_one_region(mem, GuestAddress(q.desc_table()), desc_len)?;
         let avail = crate::chain::within_one_region(mem, GuestAddress(q.avail_ring()), avail_len)?;
@@ -139,7 +131,7 @@ impl<'a> AvailView<'a> {
         if head >= self.size {
             return None;
         }
-        let base = usize::from(head) * 16;
+        let base = usize::from(head) * DESC_LEN as usize;
         // SAFETY: head < size, so the 16-byte descriptor lies inside the checked table;
         // 16-byte aligned (checked in `new`). Volatile reads of guest-owned memory.
         let (addr, len, flags) = unsafe {
@@ -150,14 +142,16 @@ impl<'a> AvailView<'a> {
                 u16::from_le(std::ptr::read_volatile(d.add(12) as *const u16)),
             )
         };
-        if flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) != 0 {
+        if flags & (F_NEXT | F_INDIRECT) != 0 {
             return None;
         }
         Some(SimpleChain {
             head,
-            addr: GuestAddress(addr),
-            len,
-            writable: flags & VRING_DESC_F_WRITE != 0,
+            desc: ChainDescriptor {
+                addr: GuestAddress(addr),
+                len,
+                writable: flags & F_WRITE != 0,
+            },
         })
     }
 }
@@ -308,9 +302,9 @@ mod tests {
             mem.write_obj(flags, at.unchecked_add(12)).unwrap();
             mem.write_obj(next, at.unchecked_add(14)).unwrap();
         };
-        desc(0, 0x8000, 1500, VRING_DESC_F_WRITE, 0);
-        desc(1, 0x9000, 12, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2);
-        desc(2, 0xa000, 4096, VRING_DESC_F_INDIRECT, 0);
+        desc(0, 0x8000, 1500, F_WRITE, 0);
+        desc(1, 0x9000, 12, F_WRITE | F_NEXT, 2);
+        desc(2, 0xa000, 4096, F_INDIRECT, 0);
         desc(3, 0xb000, 64, 0, 0);
         // Avail entries: heads 3, 0, 1, 2, then (wrapped) an out-of-range head 9.
         for (slot, head) in [(0u64, 3u16), (1, 0), (2, 1), (3, 2)] {
@@ -323,9 +317,11 @@ mod tests {
         let simple = |addr: u64, len: u32, head: u16, writable: bool| {
             Some(SimpleChain {
                 head,
-                addr: GuestAddress(addr),
-                len,
-                writable,
+                desc: ChainDescriptor {
+                    addr: GuestAddress(addr),
+                    len,
+                    writable,
+                },
             })
         };
         assert_eq!(view.simple_chain(0), simple(0xb000, 64, 3, false));

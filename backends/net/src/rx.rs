@@ -404,7 +404,7 @@ impl RxQueue {
             match view.simple_chain(at) {
                 Some(c) => {
                     q.set_next_avail(at.wrapping_add(1));
-                    self.take_chain(c.head, [(c.addr, c.len, c.writable)], m, p);
+                    self.take_chain(c.head, [(c.desc.addr, c.desc.len, c.desc.writable)], m, p);
                 }
                 None => {
                     // Chained, indirect or a bad head: `virtio-queue` pops it (the
