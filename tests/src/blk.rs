@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::guest::{GuestConfig, GuestRun, Vmm};
-use crate::host::KvmHost;
+use crate::host::{KvmHost, L2_PIN_VAR};
 use crate::images::{self, Images};
 use crate::{paths, shell_quote};
 
@@ -273,13 +273,16 @@ impl DiskTest {
             let log = shell_quote(&self.path(&format!("d{i}.log")));
             let _ = writeln!(
                 s,
-                "rm -f {sock}; {cmd} >{log} 2>&1 </dev/null & pid{i}=$!; pids=\"$pids $!\"\n\
+                "rm -f {sock}; ${pin} {cmd} >{log} 2>&1 </dev/null & pid{i}=$!; pids=\"$pids $!\"\n\
                  n=0; until [ -S {sock} ]; do n=$((n+1)); \
                  if [ $n -gt {SOCKET_WAIT_TENTHS} ] || ! kill -0 $pid{i} 2>/dev/null; then \
                  echo 'backend {i} did not create its socket' >&2; cat {log} >&2; exit 92; fi; sleep 0.1; done",
                 cmd = disk.backend_command(&self.socket(i)),
+                pin = L2_PIN_VAR,
             );
         }
+        // The VMM and its backends are pinned like every L2 VMM on the nested KVM host
+        // (`L2_PIN_VAR`; empty on hardware KVM).
         let vmm = self.vmm_command(images);
         let status = shell_quote(&self.path("vmm.status"));
         // The VMM's stdout (the guest console) goes through a line filter
@@ -290,7 +293,7 @@ impl DiskTest {
         }
         let _ = writeln!(
             s,
-            "{{ {vmm}; echo $? >{status}; }} | while IFS= read -r line || [ -n \"$line\" ]; do \
+            "{{ ${L2_PIN_VAR} {vmm}; echo $? >{status}; }} | while IFS= read -r line || [ -n \"$line\" ]; do \
              printf '%s\\n' \"$line\"; case \"$line\" in {cases}*) ;; esac; done\n\
              status=$(cat {status} 2>/dev/null || echo 255)"
         );
@@ -432,5 +435,31 @@ mod tests {
         a.on_line("PHASE=1", "echo hook");
         let script = a.script(&images());
         assert!(script.contains("*PHASE=1*) echo hook ;;"), "{script}");
+    }
+
+    /// The VMM and every backend start pinned on the nested KVM host (the prefix is empty on
+    /// hardware KVM).
+    #[test]
+    fn the_vmm_and_its_backends_start_pinned() {
+        let mut t = DiskTest::new(GuestConfig::new(Vmm::Flotilla, "x"));
+        let img = t.path("a.img");
+        t.disks.push(Disk::flotilla(&img));
+        t.disks.push(Disk::qemu_storage_daemon(&img));
+        let script = t.script(&images());
+        let pinned = |what: &str| {
+            script
+                .lines()
+                .filter(|l| l.contains(what))
+                .all(|l| l.contains(&format!("${L2_PIN_VAR} {what}")))
+        };
+        assert!(pinned("qemu-storage-daemon --blockdev"), "{script}");
+        assert!(
+            script.matches(&format!("${L2_PIN_VAR} ")).count() == 3,
+            "{script}"
+        );
+        assert!(
+            script.contains(&format!("{{ ${L2_PIN_VAR} ")),
+            "the VMM\n{script}"
+        );
     }
 }

@@ -220,7 +220,8 @@ fn boot_l1() -> Result<L1Vm> {
 
 /// The environment variable every command on the nested KVM host finds set
 /// to the prefix that starts an L2 VMM (`$FLOTILLA_L2_PIN flotilla ...` in
-/// shell, `flotilla_qmp.vmm_argv` in the Python drivers): `taskset -c 0`,
+/// shell — `GuestConfig::run`, the block tests' scripts for the VMM and each
+/// backend —, `flotilla_qmp.launch` in the Python drivers): `taskset -c 0`,
 /// so that the VMM, its vCPUs and its device backends share one L1 CPU.
 /// Why: under nested SVM in TCG an L2 guest dies (triple fault, frozen
 /// vCPU) when a backend serves its rings from the other L1 CPU while the
