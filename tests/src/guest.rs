@@ -13,6 +13,8 @@ use crate::{paths, shell_quote};
 /// Per-boot timeout. A boot to init takes ~12 s under QEMU+KVM inside the
 /// L1 VM; ten times that only ends a hung VMM.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Seconds between the test guest's `FLOTILLA-GUEST-ALIVE` lines (`tests/guest/init`).
+pub const HEARTBEAT_SECS: u32 = 10;
 
 /// Marker the guest init prints once it runs (modules loaded).
 pub const INIT_MARKER: &str = "FLOTILLA-GUEST-INIT";
@@ -62,10 +64,12 @@ impl GuestConfig {
     /// The kernel command line: serial console, `reboot=k` (the i8042 reset
     /// line, which both VMMs turn into "VM ended"), `panic=-1` so a guest
     /// panic ends the VM instead of hanging until the timeout, `quiet` to keep
-    /// serial traffic (slow: an exit per byte) down, and the scenario name.
+    /// serial traffic (slow: an exit per byte) down, the scenario name, and a heartbeat
+    /// every [`HEARTBEAT_SECS`] (a guest that stops beating froze as a whole:
+    /// `tests/l1/flotilla-agent` tells that from a stuck device on a timeout).
     pub fn kernel_cmdline(&self) -> String {
         let mut s = format!(
-            "console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario={}",
+            "console=ttyS0 reboot=k panic=-1 quiet flotilla.heartbeat={HEARTBEAT_SECS} flotilla.scenario={}",
             self.scenario
         );
         if !self.extra_append.is_empty() {
@@ -284,7 +288,7 @@ mod tests {
         assert!(line.contains("-M microvm,acpi=on -enable-kvm"), "{line}");
         assert!(
             line.ends_with(
-                "-append 'console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=boot reboot=t'"
+                "-append 'console=ttyS0 reboot=k panic=-1 quiet flotilla.heartbeat=10 flotilla.scenario=boot reboot=t'"
             ),
             "{line}"
         );

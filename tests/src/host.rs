@@ -138,7 +138,9 @@ impl KvmHost {
                 // of times, each reported like a machine failure. On hardware
                 // KVM (`Mode::Direct`) a triple fault fails the test.
                 for rerun in 1..=L2_PLATFORM_FAILURE_RERUNS {
-                    let Ok(out) = &result else { break };
+                    let Some(out) = finished_output(&result) else {
+                        break;
+                    };
                     if !reports_l2_platform_failure(out) {
                         break;
                     }
@@ -148,7 +150,7 @@ impl KvmHost {
                     report_machine_failure(command, &failure);
                     result = run_on_fresh_l1(&mut vm, &full, timeout)?;
                 }
-                if let (Ok(out), Some(l1)) = (&result, vm.as_mut()) {
+                if let (Some(out), Some(l1)) = (finished_output(&result), vm.as_mut()) {
                     if reports_l2_platform_failure(out) {
                         save_kvm_trace(l1, &root);
                     }
@@ -281,6 +283,15 @@ fn l2_platform_failure(out: &Output, console: &Path, rerun: u32) -> MachineFailu
     }
 }
 
+/// What a command printed, whether it ended by itself or at its timeout (where the agent
+/// may have found the L2 guest frozen, [`L2_GUEST_FROZEN`]); `None` when the L1 failed.
+fn finished_output(result: &Result<Output>) -> Option<&Output> {
+    match result {
+        Ok(out) | Err(Error::Timeout { output: out, .. }) => Some(out),
+        Err(_) => None,
+    }
+}
+
 /// flotilla-vmm's report of a guest triple fault (vmm/src/vstate/vcpu.rs), or QEMU's; or
 /// the other face of the same platform failure, which tests/qmp/net.py's stall report shows:
 /// L1's KVM failing the instruction fetch of nearly every L2 instruction it emulates and
@@ -301,9 +312,9 @@ fn reports_l2_platform_failure(out: &Output) -> bool {
     says(&out.stdout) || says(&out.stderr)
 }
 
-/// What tests/qmp/net.py prints when a transfer is stuck because the whole guest froze: its
-/// heartbeat (a shell loop on its serial console) went silent while every vCPU thread was in
-/// KVM_RUN. A stuck queue in a live guest (a lost interrupt: flotilla's failure) keeps the
+/// What tests/qmp/net.py prints when a transfer is stuck because the whole guest froze, and
+/// the L1 agent when any command times out that way: the guest's heartbeat (a shell loop on
+/// its serial console) went silent while every vCPU thread was in KVM_RUN. A stuck queue in a live guest (a lost interrupt: flotilla's failure) keeps the
 /// heartbeat going; a vCPU held in the VM core is not in KVM_RUN; both fail the test.
 const L2_GUEST_FROZEN: &str = "L2 guest frozen: no heartbeat";
 
@@ -463,9 +474,46 @@ pub fn has_hardware_kvm() -> bool {
 #[cfg(test)]
 mod panic_tests {
     use super::{
-        kvm_trace_path, l2_platform_failure, machine_failure, reports_l2_platform_failure, Output,
-        CONSOLE_TAIL_LINES,
+        finished_output, kvm_trace_path, l2_platform_failure, machine_failure,
+        reports_l2_platform_failure, Output, CONSOLE_TAIL_LINES, L2_GUEST_FROZEN,
     };
+    use crate::error::Error;
+
+    /// A command the L1 agent killed at its timeout after finding the guest frozen is rerun
+    /// like one that reported the freeze itself; the agent's words are the host's marker.
+    #[test]
+    fn a_timeout_with_a_frozen_guest_counts_as_a_platform_failure() {
+        let agent =
+            std::fs::read_to_string(crate::paths::workspace_root().join("tests/l1/flotilla-agent"))
+                .expect("tests/l1/flotilla-agent");
+        assert!(agent.contains(&format!("flotilla-agent: {L2_GUEST_FROZEN} in")));
+        let output = |stderr: &str| Output {
+            status: 137,
+            stderr: stderr.as_bytes().to_vec(),
+            ..Output::default()
+        };
+        let timeout = |stderr: &str| -> crate::error::Result<Output> {
+            Err(Error::Timeout {
+                command: "x".into(),
+                timeout: std::time::Duration::from_secs(1),
+                output: output(stderr),
+            })
+        };
+        let frozen = timeout(
+            "flotilla-agent: L2 guest frozen: no heartbeat in 25 s past the timeout, all 1 vCPU threads in KVM_RUN\n",
+        );
+        let out = finished_output(&frozen).expect("a timeout has output");
+        assert!(reports_l2_platform_failure(out));
+        let stuck = timeout("FLOTILLA-GUEST-ALIVE 17\n");
+        assert!(!reports_l2_platform_failure(
+            finished_output(&stuck).expect("output")
+        ));
+        assert!(finished_output(&Err(Error::L1Boot {
+            attempts: 1,
+            reason: "x".into()
+        }))
+        .is_none());
+    }
 
     /// What net.py prints in the platform's failure modes is rerun, what a flotilla failure
     /// looks like is not: a frozen guest (no heartbeat, vCPUs in KVM_RUN) but not a stuck

@@ -32,8 +32,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(25);
 /// A boot that keeps printing is slow, not stuck; but this is the limit.
 pub const SLOW_BOOT_LIMIT: Duration = Duration::from_secs(120);
 /// Extra time the host side allows beyond a command's own timeout (which the
-/// agent enforces) before declaring the agent dead.
-const AGENT_GRACE: Duration = Duration::from_secs(30);
+/// agent enforces) before declaring the agent dead: the agent's frozen-guest check on a
+/// timeout (25 s, `tests/l1/flotilla-agent`) plus sending the output.
+const AGENT_GRACE: Duration = Duration::from_secs(60);
 /// Longest silence of the agent while a command runs: it says `FLOTILLA-AGENT-ALIVE` every
 /// 15 s, so a VM that says nothing for this long froze (lost its timers, or hangs with
 /// every CPU idle), and the command is given up at once instead of at its timeout.

@@ -105,7 +105,7 @@ fn stratovirt_drive_and_device_through_the_gateway() {
     let script = format!(
         "rm -rf {work} && mkdir -p {work} && cp {src} {work}/disk.img && \
          $FLOTILLA_L2_PIN {flotilla} -name gw -kernel {kernel} -initrd {initrd} \
-           -append 'console=ttyS0 reboot=k panic=-1 quiet flotilla.scenario=vda' -m 256 \
+           -append 'console=ttyS0 reboot=k panic=-1 quiet flotilla.heartbeat=10 flotilla.scenario=vda' -m 256 \
            -serial stdio -drive id=d0,file={work}/disk.img,if=none,direct=off \
            -device virtio-blk-device,drive=d0,id=disk0,serial=GW0 \
            -qmp unix:{work}/qmp.sock,server,nowait; status=$?; \
