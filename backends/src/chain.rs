@@ -28,7 +28,7 @@ pub const F_WRITE: u16 = 2;
 pub const F_INDIRECT: u16 = 4;
 
 /// One descriptor of a chain, as the device uses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChainDescriptor {
     /// Guest physical address of the buffer.
     pub addr: GuestAddress,

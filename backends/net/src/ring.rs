@@ -63,22 +63,19 @@ pub fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>, time: 
     }
 }
 
-/// A one-descriptor chain read through an [`AvailView`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SimpleChain {
-    /// Head index (the descriptor's own).
-    pub head: u16,
-    /// The descriptor.
-    pub desc: ChainDescriptor,
-}
+/// Longest chain [`AvailView::chain`] is given room for: a receive buffer is one descriptor
+/// (two without MRG_RXBUF's small buffers), a transmit frame a header and a frame or a
+/// frame with a few page fragments; longer chains take `virtio-queue`'s path.
+pub const VIEW_CHAIN: usize = 16;
 
 /// Host pointers to a split ring's descriptor table and avail ring, checked once (inside
 /// one guest memory region, aligned as the spec requires) for a pass that pops many
 /// chains: `virtio-queue` looks the guest address up in the memory map for every avail
 /// entry and every descriptor, which for a 64 KB frame over 16 receive buffers is most
-/// of the receive path's user-space time. Chains of more than one descriptor or with an
-/// indirect table are not read here: [`AvailView::simple_chain`] returns None and the
-/// caller pops them through `virtio-queue` as before.
+/// of the receive path's user-space time, and for a transmit chain (header, frame) a good
+/// part of it. Chains longer than the caller's room, with an indirect table or with a bad
+/// index are not read here: [`AvailView::chain`] returns None and the caller pops them
+/// through `virtio-queue` as before, which checks them as it always did.
 ///
 /// Valid only while the memory snapshot it was made from is held (the lifetime).
 pub struct AvailView<'a> {
@@ -118,41 +115,52 @@ impl<'a> AvailView<'a> {
         u16::from_le(idx.load(Ordering::Acquire))
     }
 
-    /// The chain at avail position `at` if it is one direct descriptor; None for a head
-    /// out of range, a chained or an indirect descriptor (pop those with `virtio-queue`,
-    /// which checks them as it always did).
-    pub fn simple_chain(&self, at: u16) -> Option<SimpleChain> {
+    /// The chain at avail position `at`: its head and its descriptors, read into `descs`.
+    /// None for a head or a `next` out of range, an indirect descriptor, or a chain longer
+    /// than `descs` (pop those with `virtio-queue`).
+    pub fn chain<'d>(
+        &self,
+        at: u16,
+        descs: &'d mut [ChainDescriptor],
+    ) -> Option<(u16, &'d [ChainDescriptor])> {
         let slot = usize::from(at % self.size);
         // SAFETY: slot < size, so the entry lies inside the checked avail area; 2-byte
         // aligned (checked in `new`). A volatile read: the guest owns the memory.
         let head = u16::from_le(unsafe {
             std::ptr::read_volatile(self.avail.add(AVAIL_HEADER as usize + slot * 2) as *const u16)
         });
-        if head >= self.size {
-            return None;
-        }
-        let base = usize::from(head) * DESC_LEN as usize;
-        // SAFETY: head < size, so the 16-byte descriptor lies inside the checked table;
-        // 16-byte aligned (checked in `new`). Volatile reads of guest-owned memory.
-        let (addr, len, flags) = unsafe {
-            let d = self.desc.add(base);
-            (
-                u64::from_le(std::ptr::read_volatile(d as *const u64)),
-                u32::from_le(std::ptr::read_volatile(d.add(8) as *const u32)),
-                u16::from_le(std::ptr::read_volatile(d.add(12) as *const u16)),
-            )
-        };
-        if flags & (F_NEXT | F_INDIRECT) != 0 {
-            return None;
-        }
-        Some(SimpleChain {
-            head,
-            desc: ChainDescriptor {
+        let mut index = head;
+        for n in 0..descs.len() {
+            if index >= self.size {
+                return None;
+            }
+            let base = usize::from(index) * DESC_LEN as usize;
+            // SAFETY: index < size, so the 16-byte descriptor lies inside the checked table;
+            // 16-byte aligned (checked in `new`). Volatile reads of guest-owned memory.
+            let (addr, len, flags, next) = unsafe {
+                let d = self.desc.add(base);
+                (
+                    u64::from_le(std::ptr::read_volatile(d as *const u64)),
+                    u32::from_le(std::ptr::read_volatile(d.add(8) as *const u32)),
+                    u16::from_le(std::ptr::read_volatile(d.add(12) as *const u16)),
+                    u16::from_le(std::ptr::read_volatile(d.add(14) as *const u16)),
+                )
+            };
+            if flags & F_INDIRECT != 0 {
+                return None;
+            }
+            descs[n] = ChainDescriptor {
                 addr: GuestAddress(addr),
                 len,
                 writable: flags & F_WRITE != 0,
-            },
-        })
+            };
+            if flags & F_NEXT == 0 {
+                return Some((head, &descs[..=n]));
+            }
+            index = next;
+        }
+        // Longer than the room (or a loop): `virtio-queue` walks it with its own limit.
+        None
     }
 }
 
@@ -208,6 +216,16 @@ pub fn publish(
         GuestAddress(q.used_ring() + 2),
         Ordering::Release,
     )
+}
+
+/// [`write_used`] and [`publish`]: the elements appear to the driver together.
+pub fn add_used(
+    mem: &GuestMem,
+    q: &mut Queue,
+    used: &[(u16, u32)],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    write_used(mem, q, used)?;
+    publish(mem, q, used.len() as u16)
 }
 
 /// Whether the driver wants an interrupt for the elements published since
@@ -291,7 +309,7 @@ mod tests {
     }
 
     #[test]
-    fn the_avail_view_reads_simple_chains_and_leaves_the_rest() {
+    fn the_avail_view_reads_short_direct_chains_and_leaves_the_rest() {
         const DESC: u64 = 0x4000;
         let (mem, mut q) = setup(4);
         q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -314,23 +332,45 @@ mod tests {
         mem.write_obj(5u16, GuestAddress(AVAIL + 2)).unwrap();
         let view = AvailView::new(&mem, &q).expect("aligned rings inside memory");
         assert_eq!(view.avail_idx(), 5);
-        let simple = |addr: u64, len: u32, head: u16, writable: bool| {
-            Some(SimpleChain {
-                head,
-                desc: ChainDescriptor {
-                    addr: GuestAddress(addr),
-                    len,
-                    writable,
-                },
-            })
+        let d = |addr: u64, len: u32, writable: bool| ChainDescriptor {
+            addr: GuestAddress(addr),
+            len,
+            writable,
         };
-        assert_eq!(view.simple_chain(0), simple(0xb000, 64, 3, false));
-        assert_eq!(view.simple_chain(1), simple(0x8000, 1500, 0, true));
-        assert_eq!(view.simple_chain(2), None, "chained");
-        assert_eq!(view.simple_chain(3), None, "indirect");
-        assert_eq!(view.simple_chain(5), simple(0x8000, 1500, 0, true), "wraps");
+        let mut one = [d(0, 0, false)];
+        let mut two = [d(0, 0, false); 2];
+        assert_eq!(
+            view.chain(0, &mut one),
+            Some((3, &[d(0xb000, 64, false)][..]))
+        );
+        assert_eq!(
+            view.chain(1, &mut one),
+            Some((0, &[d(0x8000, 1500, true)][..]))
+        );
+        assert_eq!(view.chain(2, &mut one), None, "longer than the room");
+        assert_eq!(
+            view.chain(3, &mut two),
+            None,
+            "indirect, directly or further down a chain"
+        );
+        assert_eq!(
+            view.chain(5, &mut one),
+            Some((0, &[d(0x8000, 1500, true)][..])),
+            "wraps"
+        );
+        // Head 1 chains to 2 (indirect); made direct, the two are read in order.
+        desc(2, 0xa000, 4096, F_WRITE, 0);
+        assert_eq!(
+            view.chain(2, &mut two),
+            Some((1, &[d(0x9000, 12, true), d(0xa000, 4096, true)][..]))
+        );
+        // A `next` out of range, a loop (1 -> 1), a head out of range.
+        desc(1, 0x9000, 12, F_WRITE | F_NEXT, 7);
+        assert_eq!(view.chain(2, &mut two), None, "next out of range");
+        desc(1, 0x9000, 12, F_WRITE | F_NEXT, 1);
+        assert_eq!(view.chain(2, &mut two), None, "loop");
         mem.write_obj(9u16, GuestAddress(AVAIL + 4)).unwrap();
-        assert_eq!(view.simple_chain(4), None, "head out of range");
+        assert_eq!(view.chain(4, &mut one), None, "head out of range");
 
         // A table running out of guest memory: no view, the caller falls back. (Misaligned
         // ring addresses never reach here: `Queue` refuses them.)

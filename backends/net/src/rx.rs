@@ -23,6 +23,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla_backend::chain::ChainDescriptor;
 use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
@@ -396,15 +397,17 @@ impl RxQueue {
             );
             return;
         }
+        let mut descs = [ChainDescriptor::default(); ring::VIEW_CHAIN];
         while wants_more(p) {
             let at = q.next_avail();
             if at == avail_idx {
                 return;
             }
-            match view.simple_chain(at) {
-                Some(c) => {
+            match view.chain(at, &mut descs) {
+                Some((head, chain)) => {
                     q.set_next_avail(at.wrapping_add(1));
-                    self.take_chain(c.head, [(c.desc.addr, c.desc.len, c.desc.writable)], m, p);
+                    let descs = chain.iter().map(|d| (d.addr, d.len, d.writable));
+                    self.take_chain(head, descs, m, p);
                 }
                 None => {
                     // Chained, indirect or a bad head: `virtio-queue` pops it (the
@@ -609,12 +612,8 @@ impl RxQueue {
         m: &GuestMem,
         used: &[(u16, u32)],
     ) {
-        let q = state.get_queue_mut();
-        if let Err(e) = ring::write_used(m, q, used) {
+        if let Err(e) = ring::add_used(m, state.get_queue_mut(), used) {
             log::error!("rx: writing the used ring: {e}");
-        }
-        if let Err(e) = ring::publish(m, q, used.len() as u16) {
-            log::error!("rx: publishing the used ring: {e}");
         }
     }
 }

@@ -18,11 +18,12 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use flotilla_backend::chain::ChainDescriptor;
 use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::chain::{self, Direction, Limits, Segment};
 use crate::config::Negotiated;
@@ -140,6 +141,10 @@ impl TxQueue {
 
     /// Sends up to [`BATCH`] chains. With `rearm`, an empty ring turns
     /// guest notifications back on (EVENT_IDX) before the pass ends.
+    ///
+    /// Chains are read through an [`AvailView`](ring::AvailView) when the rings allow it
+    /// (one lookup of the ring addresses per pass instead of one per avail entry and
+    /// descriptor), and completed [`SIGNAL_EVERY`] at a time with one used-index update.
     fn pass(
         &mut self,
         vring: &VringRwLock,
@@ -154,75 +159,136 @@ impl TxQueue {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Stop::NotReady;
         }
-        let mut iov = Vec::with_capacity(MAX_CHAIN_SEGMENTS);
-        let mut segs = Vec::with_capacity(MAX_CHAIN_SEGMENTS);
-        let mut unsignalled = 0;
+        let view = ring::AvailView::new(m, state.get_queue());
+        let mut avail_idx = view.as_ref().map(|v| v.avail_idx());
+        let mut descs = [ChainDescriptor::default(); ring::VIEW_CHAIN];
+        let mut frame = Frame {
+            iov: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
+            segs: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
+        };
+        let mut used: Vec<(u16, u32)> = Vec::with_capacity(SIGNAL_EVERY);
+        let mut signalled_at = state.get_queue().next_used();
         let mut done = 0;
         let stop = loop {
             if done == BATCH {
                 break Stop::BatchFull;
             }
-            if unsignalled == SIGNAL_EVERY && event_idx {
-                // A driver waiting for completions (its used_event) hears
-                // about them while the pass goes on, not only at its end.
-                signal(&mut state, m, event_idx);
-                unsignalled = 0;
+            if used.len() == SIGNAL_EVERY {
+                complete(&mut state, m, &mut used);
+                if event_idx {
+                    // A driver waiting for completions (its used_event) hears
+                    // about them while the pass goes on, not only at its end.
+                    signal(&state, m, event_idx, &mut signalled_at);
+                }
             }
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(m) else {
-                if rearm
-                    && event_idx
-                    && matches!(state.get_queue_mut().enable_notification(m), Ok(true))
-                {
-                    continue;
-                }
-                break Stop::Empty;
-            };
-            done += 1;
-            let head = chain.head_index();
-            iov.clear();
-            segs.clear();
-            let limits = Limits {
-                max_segments: MAX_CHAIN_SEGMENTS,
-                max_len: MAX_BUFFER,
-                truncate: false,
-            };
-            let checked = chain::gather(
-                chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
-                m,
-                Direction::DeviceReads,
-                &limits,
-                &mut iov,
-                &mut segs,
-            )
-            .map_err(TxError::from)
-            .and_then(|g| check_chain(m, &segs, g.len, &neg).map(|()| g.len));
-            match checked {
-                Err(e) => {
-                    Stats::add(&self.stats.tx_bad_chains, 1);
-                    warn_limited!(self.warn, "tx: chain {head} dropped: {e}");
-                }
-                Ok(len) => match self.send(&iov) {
-                    Ok(()) => {
-                        Stats::add(&self.stats.tx_packets, 1);
-                        Stats::add(&self.stats.tx_bytes, (len - HEADER_LEN) as u64);
+            let q = state.get_queue_mut();
+            let at = q.next_avail();
+            let fast = match (&view, avail_idx) {
+                (Some(v), Some(idx)) => {
+                    let idx = if at == idx { v.avail_idx() } else { idx };
+                    avail_idx = Some(idx);
+                    if idx.wrapping_sub(at) > q.size() {
+                        warn_limited!(
+                            self.warn,
+                            "tx: avail index {idx} is more than a ring ahead of {at}"
+                        );
+                        break Stop::Empty;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        state.get_queue_mut().go_to_previous_position();
-                        break Stop::TapFull;
+                    if at == idx {
+                        Some(None)
+                    } else {
+                        v.chain(at, &mut descs).map(Some)
                     }
-                    Err(e) => {
-                        Stats::add(&self.stats.tx_errors, 1);
-                        warn_limited!(self.warn, "tx: the tap refused a frame: {e}");
+                }
+                _ => None,
+            };
+            let outcome = match fast {
+                Some(Some((head, chain))) => {
+                    q.set_next_avail(at.wrapping_add(1));
+                    let descs = chain.iter().map(|d| (d.addr, d.len, d.writable));
+                    (head, self.transmit(m, &neg, head, descs, &mut frame))
+                }
+                // Past the view's avail index, or no view: `virtio-queue` decides.
+                Some(None) | None => match q.pop_descriptor_chain(m) {
+                    Some(chain) => {
+                        let head = chain.head_index();
+                        let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+                        (head, self.transmit(m, &neg, head, descs, &mut frame))
+                    }
+                    None => {
+                        if rearm && event_idx && matches!(q.enable_notification(m), Ok(true)) {
+                            avail_idx = view.as_ref().map(|v| v.avail_idx());
+                            continue;
+                        }
+                        break Stop::Empty;
                     }
                 },
+            };
+            match outcome {
+                (head, Sent::Done) => {
+                    used.push((head, 0));
+                    done += 1;
+                }
+                (_, Sent::TapFull) => {
+                    let q = state.get_queue_mut();
+                    q.set_next_avail(q.next_avail().wrapping_sub(1));
+                    break Stop::TapFull;
+                }
             }
-            complete(&mut state, m, head);
-            unsignalled += 1;
         };
-        if unsignalled > 0 {
-            signal(&mut state, m, event_idx);
-        }
+        complete(&mut state, m, &mut used);
+        signal(&state, m, event_idx, &mut signalled_at);
         stop
+    }
+
+    /// Checks chain `head` (its descriptors `descs`) and writes its frame to the tap; a bad
+    /// chain is counted and dropped.
+    fn transmit<I>(
+        &self,
+        m: &GuestMem,
+        neg: &Negotiated,
+        head: u16,
+        descs: I,
+        frame: &mut Frame,
+    ) -> Sent
+    where
+        I: IntoIterator<Item = (GuestAddress, u32, bool)>,
+    {
+        frame.iov.clear();
+        frame.segs.clear();
+        let limits = Limits {
+            max_segments: MAX_CHAIN_SEGMENTS,
+            max_len: MAX_BUFFER,
+            truncate: false,
+        };
+        let checked = chain::gather(
+            descs,
+            m,
+            Direction::DeviceReads,
+            &limits,
+            &mut frame.iov,
+            &mut frame.segs,
+        )
+        .map_err(TxError::from)
+        .and_then(|g| check_chain(m, &frame.segs, g.len, neg).map(|()| g.len));
+        match checked {
+            Err(e) => {
+                Stats::add(&self.stats.tx_bad_chains, 1);
+                warn_limited!(self.warn, "tx: chain {head} dropped: {e}");
+            }
+            Ok(len) => match self.send(&frame.iov) {
+                Ok(()) => {
+                    Stats::add(&self.stats.tx_packets, 1);
+                    Stats::add(&self.stats.tx_bytes, (len - HEADER_LEN) as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Sent::TapFull,
+                Err(e) => {
+                    Stats::add(&self.stats.tx_errors, 1);
+                    warn_limited!(self.warn, "tx: the tap refused a frame: {e}");
+                }
+            },
+        }
+        Sent::Done
     }
 
     fn send(&self, iov: &[libc::iovec]) -> io::Result<()> {
@@ -235,22 +301,49 @@ impl TxQueue {
     }
 }
 
-fn complete(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, m: &GuestMem, head: u16) {
-    if let Err(e) = state.get_queue_mut().add_used(m, head, 0) {
-        log::error!("tx: add_used({head}): {e}");
-    }
+/// Buffers for one frame's iovecs and segments, reused across a pass.
+struct Frame {
+    iov: Vec<libc::iovec>,
+    segs: Vec<Segment>,
 }
 
-/// Signals the guest for the chains used since the last call, if it wants
-/// to hear about them (always without EVENT_IDX).
-fn signal(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, m: &GuestMem, event_idx: bool) {
-    // needs_notification also restarts the count of chains used since.
-    let needed = state.get_queue_mut().needs_notification(m).unwrap_or(true);
-    if needed || !event_idx {
+/// What became of one chain.
+enum Sent {
+    /// Sent, or dropped as malformed: complete it.
+    Done,
+    /// The tap is full: the chain goes back to the ring.
+    TapFull,
+}
+
+/// Publishes the chains in `used` (used length 0: the device writes nothing) and empties it.
+fn complete(
+    state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    m: &GuestMem,
+    used: &mut Vec<(u16, u32)>,
+) {
+    if used.is_empty() {
+        return;
+    }
+    if let Err(e) = ring::add_used(m, state.get_queue_mut(), used) {
+        log::error!("tx: writing the used ring: {e}");
+    }
+    used.clear();
+}
+
+/// Signals the guest for the chains published since `signalled_at`, if it wants to hear
+/// about them (always without EVENT_IDX, if there are any).
+fn signal(
+    state: &VringState<GuestMemoryAtomic<GuestMem>>,
+    m: &GuestMem,
+    event_idx: bool,
+    signalled_at: &mut u16,
+) {
+    if ring::needs_signal(m, state.get_queue(), *signalled_at, event_idx) {
         if let Err(e) = state.signal_used_queue() {
             log::error!("tx: signalling the guest: {e}");
         }
     }
+    *signalled_at = state.get_queue().next_used();
 }
 
 #[cfg(test)]
