@@ -160,7 +160,8 @@ impl TxQueue {
             return Stop::NotReady;
         }
         let view = ring::AvailView::new(m, state.get_queue());
-        let mut avail_idx = view.as_ref().map(|v| v.avail_idx());
+        // The driver's avail index as last read through the view.
+        let mut avail_idx = view.as_ref().map_or(0, |v| v.avail_idx());
         let mut descs = [ChainDescriptor::default(); ring::VIEW_CHAIN];
         let mut frame = Frame {
             iov: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
@@ -183,33 +184,37 @@ impl TxQueue {
             }
             let q = state.get_queue_mut();
             let at = q.next_avail();
-            let fast = match (&view, avail_idx) {
-                (Some(v), Some(idx)) => {
-                    let idx = if at == idx { v.avail_idx() } else { idx };
-                    avail_idx = Some(idx);
-                    if idx.wrapping_sub(at) > q.size() {
+            let fast = match &view {
+                Some(v) => {
+                    // The index read last is stale once the ring looks empty, or if
+                    // `virtio-queue` popped past it below.
+                    if avail_idx == at || avail_idx.wrapping_sub(at) > q.size() {
+                        avail_idx = v.avail_idx();
+                    }
+                    if avail_idx.wrapping_sub(at) > q.size() {
                         warn_limited!(
                             self.warn,
-                            "tx: avail index {idx} is more than a ring ahead of {at}"
+                            "tx: avail index {avail_idx} is more than a ring ahead of {at}"
                         );
                         break Stop::Empty;
                     }
-                    if at == idx {
-                        Some(None)
+                    if avail_idx == at {
+                        None
                     } else {
-                        v.chain(at, &mut descs).map(Some)
+                        v.chain(at, &mut descs)
                     }
                 }
-                _ => None,
+                None => None,
             };
             let outcome = match fast {
-                Some(Some((head, chain))) => {
+                Some((head, chain)) => {
                     q.set_next_avail(at.wrapping_add(1));
                     let descs = chain.iter().map(|d| (d.addr, d.len, d.writable));
                     (head, self.transmit(m, &neg, head, descs, &mut frame))
                 }
-                // Past the view's avail index, or no view: `virtio-queue` decides.
-                Some(None) | None => match q.pop_descriptor_chain(m) {
+                // Not a chain the view reads, an empty ring, or no view: `virtio-queue`
+                // pops it, or finds the ring empty.
+                None => match q.pop_descriptor_chain(m) {
                     Some(chain) => {
                         let head = chain.head_index();
                         let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
@@ -217,7 +222,6 @@ impl TxQueue {
                     }
                     None => {
                         if rearm && event_idx && matches!(q.enable_notification(m), Ok(true)) {
-                            avail_idx = view.as_ref().map(|v| v.avail_idx());
                             continue;
                         }
                         break Stop::Empty;
