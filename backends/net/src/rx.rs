@@ -203,7 +203,10 @@ impl RxQueue {
             signalled_at: state.get_queue().next_used(),
             ..Popped::default()
         };
-        let stop = self.fill(&mut state, m, neg, event_idx, &mut p);
+        // The rings' host view, checked once for the pass (their addresses cannot change
+        // while the vring lock is held).
+        let view = ring::AvailView::new(m, state.get_queue());
+        let stop = self.fill(&mut state, m, view.as_ref(), neg, event_idx, &mut p);
         // Unused chains go back to the avail ring: they are the most
         // recently popped, so stepping next_avail back returns exactly them.
         let q = state.get_queue_mut();
@@ -217,6 +220,7 @@ impl RxQueue {
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
+        view: Option<&ring::AvailView<'_>>,
         neg: Negotiated,
         event_idx: bool,
         p: &mut Popped,
@@ -234,7 +238,7 @@ impl RxQueue {
             }
             self.complete_bad_front(state, m, p);
             if let Some(len) = self.pending {
-                self.top_up(state, m, mrg, len, p);
+                self.top_up(state, m, view, mrg, len, p);
                 if self.deliverable(mrg, len, p) {
                     self.deliver_bounce(state, m, neg, len, p);
                     self.pending = None;
@@ -265,7 +269,7 @@ impl RxQueue {
                 continue;
             }
             let want = if mrg { MAX_BUFFER } else { 1 };
-            self.top_up(state, m, mrg, want, p);
+            self.top_up(state, m, view, mrg, want, p);
             if p.room == 0 {
                 if !p.chains.is_empty() {
                     // Only a bad chain: it is completed at the loop top.
@@ -365,6 +369,7 @@ impl RxQueue {
         &self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
+        view: Option<&ring::AvailView<'_>>,
         mrg: bool,
         want: usize,
         p: &mut Popped,
@@ -380,7 +385,7 @@ impl RxQueue {
         let wants_more = |p: &Popped| {
             !p.blocked && !enough(p) && p.live_iovecs() + MAX_CHAIN_SEGMENTS <= MAX_IOVECS
         };
-        let Some(view) = ring::AvailView::new(m, state.get_queue()) else {
+        let Some(view) = view else {
             // Rings outside one memory region: every access through `virtio-queue`.
             return self.top_up_through_queue(state, m, p, wants_more);
         };
@@ -549,10 +554,27 @@ impl RxQueue {
             }
         }
         let first = &p.chains[0];
-        let mut hdr = [0u8; HEADER_LEN];
-        if chain::read_prefix(m, &p.segs[first.start..first.end], &mut hdr) {
-            fix_rx(&mut hdr, &neg, used.len() as u16);
-            chain::write_prefix(m, &p.segs[first.start..first.end], &hdr);
+        let buffers = used.len() as u16;
+        match p.iov.get(first.start) {
+            Some(v) if first.end > first.start && v.iov_len >= HEADER_LEN => {
+                // The header lies in the first buffer (always, with Linux's buffers): read
+                // and write it through the host address `gather` checked, not a lookup each.
+                let at = v.iov_base as *mut [u8; HEADER_LEN];
+                // SAFETY: `gather` made this iovec from the memory snapshot `m`, held for
+                // the whole pass: at least HEADER_LEN bytes of mapped guest memory (checked
+                // above). Volatile: the guest owns the memory; byte arrays need no alignment.
+                let mut hdr = unsafe { std::ptr::read_volatile(at) };
+                fix_rx(&mut hdr, &neg, buffers);
+                // SAFETY: as above.
+                unsafe { std::ptr::write_volatile(at, hdr) };
+            }
+            _ => {
+                let mut hdr = [0u8; HEADER_LEN];
+                if chain::read_prefix(m, &p.segs[first.start..first.end], &mut hdr) {
+                    fix_rx(&mut hdr, &neg, buffers);
+                    chain::write_prefix(m, &p.segs[first.start..first.end], &hdr);
+                }
+            }
         }
         for c in p.chains.drain(..used.len()) {
             p.room -= c.len;

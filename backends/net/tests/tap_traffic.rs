@@ -225,21 +225,19 @@ fn tso_frames_pass_whole_only_with_the_offloads_the_guest_acked() {
 fn receive_chains_of_several_descriptors_mix_with_single_ones() {
     for features in [F_EVENT_IDX, F_MRG_RXBUF | F_EVENT_IDX] {
         let mut s = setup(features, &[]);
-        // Chain i lives in slot i: one 2000-byte buffer, or a 12-byte header at the slot
-        // and 2000 bytes of data 0x100 further.
+        // Chain i lives in slot i: one 2000-byte buffer; a 12-byte header at the slot and
+        // 2000 bytes of data 0x100 further; or the header itself split, 5 bytes at the slot
+        // and 7 at 0x80, then the data (the device must still find and fix `num_buffers`).
         let mut layout = std::collections::HashMap::new();
         for i in 0..60u64 {
             let base = RX_BUFS + i * RX_SLOT;
-            let split = i % 3 != 0;
-            let head = if split {
-                s.d.post(
-                    RX,
-                    &[wr(base, VNET_HDR as u32), wr(base + 0x100, 2000)],
-                    false,
-                )
-            } else {
-                s.d.post(RX, &[wr(base, 2000)], false)
+            let split = i % 3;
+            let chain = match split {
+                0 => vec![wr(base, 2000)],
+                1 => vec![wr(base, VNET_HDR as u32), wr(base + 0x100, 2000)],
+                _ => vec![wr(base, 5), wr(base + 0x80, 7), wr(base + 0x100, 2000)],
             };
+            let head = s.d.post(RX, &chain, false);
             layout.insert(head, (base, split));
         }
         s.d.kick(RX);
@@ -249,14 +247,19 @@ fn receive_chains_of_several_descriptors_mix_with_single_ones() {
             let (head, len) = s.d.wait_used(RX, T).expect("frame");
             let (base, split) = layout[&head];
             let len = len as usize;
-            let (hdr, got) = if split {
-                (
+            let (hdr, got) = match split {
+                0 => {
+                    let all = s.d.read(base, len);
+                    (all[..VNET_HDR].to_vec(), all[VNET_HDR..].to_vec())
+                }
+                1 => (
                     s.d.read(base, VNET_HDR),
                     s.d.read(base + 0x100, len - VNET_HDR),
-                )
-            } else {
-                let all = s.d.read(base, len);
-                (all[..VNET_HDR].to_vec(), all[VNET_HDR..].to_vec())
+                ),
+                _ => (
+                    [s.d.read(base, 5), s.d.read(base + 0x80, 7)].concat(),
+                    s.d.read(base + 0x100, len - VNET_HDR),
+                ),
             };
             assert_eq!(got, frame, "{features:#x}: frame {i} (split {split})");
             if features & F_MRG_RXBUF != 0 {
