@@ -167,12 +167,23 @@ impl Tap {
     }
 
     /// Reads one frame (vnet header first) into `iov`.
+    ///
+    /// A single iovec (touching receive buffers merged into one) is read with `read(2)`:
+    /// `readv` first copies in and checks the iovec array, ~0.1 µs of a 1514-byte frame's
+    /// ~2 µs on this machine.
     pub fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let cnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        // SAFETY: every iovec points into memory the caller keeps mapped and
-        // writable for the duration of the call (guest memory it holds a
-        // reference to, or its own buffer).
-        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), cnt) };
+        let n = if let [one] = iov {
+            // SAFETY: the iovec points into memory the caller keeps mapped and writable
+            // for the duration of the call (guest memory it holds a reference to, or its
+            // own buffer).
+            unsafe { libc::read(self.fd.as_raw_fd(), one.iov_base, one.iov_len) }
+        } else {
+            let cnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: every iovec points into memory the caller keeps mapped and
+            // writable for the duration of the call (guest memory it holds a
+            // reference to, or its own buffer).
+            unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), cnt) }
+        };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -180,12 +191,19 @@ impl Tap {
         }
     }
 
-    /// Writes one frame (vnet header first) gathered from `iov`.
+    /// Writes one frame (vnet header first) gathered from `iov`; a single iovec (Linux
+    /// puts the header in front of a linear frame) with `write(2)`, as [`Self::readv`].
     pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let cnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        // SAFETY: every iovec points into memory the caller keeps mapped for
-        // the duration of the call; the kernel only reads it.
-        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), cnt) };
+        let n = if let [one] = iov {
+            // SAFETY: the iovec points into memory the caller keeps mapped for the
+            // duration of the call; the kernel only reads it.
+            unsafe { libc::write(self.fd.as_raw_fd(), one.iov_base, one.iov_len) }
+        } else {
+            let cnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: every iovec points into memory the caller keeps mapped for
+            // the duration of the call; the kernel only reads it.
+            unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), cnt) }
+        };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
