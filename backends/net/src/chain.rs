@@ -13,6 +13,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use crate::header::MAX_BUFFER;
 use crate::GuestMem;
 
 /// Which way the device moves data through the chain.
@@ -34,6 +35,22 @@ pub struct Limits {
     /// Receive buffers larger than `max_len` are fine (the rest stays
     /// unused); a transmit chain longer than a frame can be is refused.
     pub truncate: bool,
+}
+
+/// Most pieces of one chain (Linux uses up to MAX_SKB_FRAGS + 2).
+pub const MAX_CHAIN_SEGMENTS: usize = 64;
+
+impl Limits {
+    /// One NIC chain moving data `dir`: at most [`MAX_CHAIN_SEGMENTS`] pieces and a
+    /// frame's [`MAX_BUFFER`] bytes. A receive buffer may be longer (the rest stays
+    /// unused); a transmit chain longer than any frame is refused.
+    pub fn frame(dir: Direction) -> Limits {
+        Limits {
+            max_segments: MAX_CHAIN_SEGMENTS,
+            max_len: MAX_BUFFER,
+            truncate: dir == Direction::DeviceWrites,
+        }
+    }
 }
 
 /// One piece of a chain in guest-physical terms, parallel to its iovec.

@@ -30,7 +30,7 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::chain::{self, Direction, Limits, Segment};
+use crate::chain::{self, Direction, Limits, Segment, MAX_CHAIN_SEGMENTS};
 use crate::config::Negotiated;
 use crate::header::{fix_rx, HEADER_LEN, MAX_BUFFER};
 use crate::ring::{self, POLL_TIME};
@@ -41,9 +41,6 @@ use crate::GuestMem;
 /// Frames per pass; between passes the vring lock is released so that the
 /// frontend's GET_VRING_BASE is not held off by a busy queue.
 const BATCH: usize = 256;
-/// Most pieces one receive chain may have (Linux uses at most 2 for
-/// mergeable buffers and MAX_SKB_FRAGS + 2 for big packets).
-const MAX_CHAIN_SEGMENTS: usize = 64;
 /// Most iovecs one `readv` takes (UIO_MAXIOV).
 const MAX_IOVECS: usize = 1024;
 /// Guest-triggered warnings: at most this many per second.
@@ -464,16 +461,11 @@ impl RxQueue {
         I: IntoIterator<Item = (GuestAddress, u32, bool)>,
     {
         let start = p.iov.len();
-        let limits = Limits {
-            max_segments: MAX_CHAIN_SEGMENTS,
-            max_len: MAX_BUFFER,
-            truncate: true,
-        };
         let gathered = chain::gather(
             descs,
             m,
             Direction::DeviceWrites,
-            &limits,
+            &Limits::frame(Direction::DeviceWrites),
             &mut p.iov,
             &mut p.segs,
         );

@@ -25,9 +25,9 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::chain::{self, Direction, Limits, Segment};
+use crate::chain::{self, Direction, Limits, Segment, MAX_CHAIN_SEGMENTS};
 use crate::config::Negotiated;
-use crate::header::{check_tx, NetHeader, ETH_HLEN, HEADER_LEN, MAX_BUFFER};
+use crate::header::{check_tx, NetHeader, ETH_HLEN, HEADER_LEN};
 use crate::ring::{self, POLL_TIME, SIGNAL_EVERY};
 use crate::stats::Stats;
 use crate::tap::Tap;
@@ -35,8 +35,6 @@ use crate::GuestMem;
 
 /// Chains per pass; between passes the vring lock is released.
 const BATCH: usize = 256;
-/// Most pieces of one transmit chain (Linux uses up to MAX_SKB_FRAGS + 2).
-pub const MAX_CHAIN_SEGMENTS: usize = 64;
 /// Guest-triggered warnings: at most this many per second.
 const WARN_BURST: u32 = 10;
 
@@ -260,16 +258,11 @@ impl TxQueue {
     {
         frame.iov.clear();
         frame.segs.clear();
-        let limits = Limits {
-            max_segments: MAX_CHAIN_SEGMENTS,
-            max_len: MAX_BUFFER,
-            truncate: false,
-        };
         let checked = chain::gather(
             descs,
             m,
             Direction::DeviceReads,
-            &limits,
+            &Limits::frame(Direction::DeviceReads),
             &mut frame.iov,
             &mut frame.segs,
         )
