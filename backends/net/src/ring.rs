@@ -1,5 +1,5 @@
-//! Publishing used buffers of the receive queue ourselves, and reading its avail ring
-//! fast (see [`AvailView`]).
+//! Publishing used buffers ourselves, and reading the avail ring fast (see [`AvailView`]),
+//! for both queues.
 //!
 //! With MRG_RXBUF one frame fills several chains, and the driver reads
 //! `num_buffers` from the first and then expects all of them in the used
@@ -9,7 +9,9 @@
 //! the elements of one frame are written first and the index is published
 //! once, as QEMU's `virtqueue_fill`/`virtqueue_flush` do. Because we bypass
 //! the library's bookkeeping, the EVENT_IDX interrupt decision is made here
-//! too, from the used index at the start of the batch.
+//! too, from the used index at the start of the batch. The transmit queue uses the same
+//! path to publish its completions in batches (one used-index store per batch instead of
+//! one per frame).
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
