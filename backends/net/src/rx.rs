@@ -357,7 +357,21 @@ impl RxQueue {
             // Notifications are never disabled without EVENT_IDX.
             return false;
         }
-        matches!(state.get_queue_mut().enable_notification(m), Ok(true))
+        if !matches!(state.get_queue_mut().enable_notification(m), Ok(true)) {
+            return false;
+        }
+        // The index moved: buffers, unless it moved more than a ring (popping would find
+        // none, and the caller would ask again forever).
+        match ring::posted(m, state.get_queue()) {
+            Some(n) => n > 0,
+            None => {
+                warn_limited!(
+                    self.warn,
+                    "rx: the driver's avail index is more than a ring ahead; waiting for a kick"
+                );
+                false
+            }
+        }
     }
 
     /// Pops chains until their room reaches `want` bytes, the ring is

@@ -219,7 +219,13 @@ impl TxQueue {
                         (head, self.transmit(m, &neg, head, descs, &mut frame))
                     }
                     None => {
-                        if rearm && event_idx && matches!(q.enable_notification(m), Ok(true)) {
+                        // Notifications back on; the index moved meanwhile: pop again, unless
+                        // it moved more than a ring (nothing to pop: this would spin).
+                        if rearm
+                            && event_idx
+                            && matches!(q.enable_notification(m), Ok(true))
+                            && matches!(ring::posted(m, q), Some(n) if n > 0)
+                        {
                             continue;
                         }
                         break Stop::Empty;

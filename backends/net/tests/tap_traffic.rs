@@ -610,6 +610,47 @@ fn receive_waits_for_guest_buffers_without_spinning() {
     }
 }
 
+/// A driver publishing an avail index more than a ring ahead (a bug or a hostile guest)
+/// gets neither queue served and does not make the backend spin (which would also hold
+/// the vring lock against the frontend's GET_VRING_BASE); with the index put right, both
+/// queues serve again. Plain and `--poll` backends.
+#[test]
+fn an_avail_index_a_ring_ahead_is_refused_without_spinning() {
+    for extra in [&[][..], &["--poll"][..]] {
+        let mut s = setup(F_EVENT_IDX, extra);
+        for i in 0..20u8 {
+            s.sock.send(&test_frame(200, i)).unwrap();
+        }
+        let bogus = |d: &Driver, q: usize, idx: u16| {
+            let avail = d.rings[q].avail;
+            d.mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
+        };
+        bogus(&s.d, RX, 1000);
+        bogus(&s.d, TX, 1000);
+        s.d.kick(RX);
+        s.d.kick(TX);
+        std::thread::sleep(Duration::from_millis(100));
+        let pid = s.backend.child.id();
+        let before = tree_cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(500));
+        let used = tree_cpu_ticks(pid) - before;
+        assert!(
+            used < 10,
+            "{extra:?}: backend burnt {used} ticks on a bad avail index"
+        );
+        assert!(s.backend.running(), "{extra:?}");
+        let (rx, tx) = (s.d.rings[RX].avail_idx, s.d.rings[TX].avail_idx);
+        bogus(&s.d, RX, rx);
+        bogus(&s.d, TX, tx);
+        fill_rx(&mut s.d, 32, 2048);
+        for i in 0..20u8 {
+            let (_, got) = guest_rx(&mut s.d, 2048).expect("queued frame");
+            assert_eq!(got, test_frame(200, i), "{extra:?}");
+        }
+        tx_roundtrip(&mut s, 300, 3);
+    }
+}
+
 #[test]
 fn busy_polling_queues_pass_frames_and_sleep_when_idle() {
     let mut s = setup(F_MRG_RXBUF | F_EVENT_IDX, &["--poll"]);
