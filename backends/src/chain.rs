@@ -15,8 +15,23 @@
 //! read through `GuestMemory`, which refuses addresses outside guest memory;
 //! the data buffers the descriptors point at are left to the device's own
 //! request parser, exactly as for a popped chain.
+//!
+//! Also here, for every backend's queue loop: [`avail_pending`], the sanity check of the
+//! driver's avail index.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+
+/// Chains the driver has posted past `q`'s next one; None if its avail index is unreadable
+/// or more than a ring ahead, which no driver can have outstanding: popping finds nothing
+/// there, and a queue that took "the index moved" for work would spin on it.
+pub fn avail_pending<M: GuestMemory>(mem: &M, q: &virtio_queue::Queue) -> Option<u16> {
+    use virtio_queue::QueueT;
+    let idx = q
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .ok()?;
+    let pending = idx.0.wrapping_sub(q.next_avail());
+    (pending <= q.size()).then_some(pending)
+}
 
 /// Size of one split-ring descriptor (`struct virtq_desc`).
 pub const DESC_LEN: u64 = 16;

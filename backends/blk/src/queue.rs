@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -763,9 +762,7 @@ fn avail_pending(vring: &VringRwLock, mem: &GuestMem) -> Option<u16> {
     if !queue.ready() {
         return None;
     }
-    let idx = queue.avail_idx(mem, Ordering::Acquire).ok()?;
-    let pending = idx.0.wrapping_sub(queue.next_avail());
-    (pending <= queue.size()).then_some(pending)
+    flotilla_backend::chain::avail_pending(mem, queue)
 }
 
 fn write_status(mem: &GuestMem, at: GuestAddress, status: u8) {

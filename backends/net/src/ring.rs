@@ -21,7 +21,9 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use flotilla_backend::chain::{ChainDescriptor, DESC_LEN, F_INDIRECT, F_NEXT, F_WRITE};
+use flotilla_backend::chain::{
+    avail_pending, ChainDescriptor, DESC_LEN, F_INDIRECT, F_NEXT, F_WRITE,
+};
 
 use crate::GuestMem;
 
@@ -39,15 +41,6 @@ pub const SIGNAL_EVERY: usize = 16;
 /// its CPU back almost at once (as flotilla-blk's `--poll`).
 pub const POLL_TIME: Duration = Duration::from_micros(50);
 
-/// How many chains the driver has posted past the queue's next one; None if its avail index
-/// is unreadable or more than a ring ahead, which no driver can have outstanding: popping
-/// finds nothing there, and a caller that took "the index moved" for work would spin.
-pub fn posted(mem: &GuestMem, q: &Queue) -> Option<u16> {
-    let idx = q.avail_idx(mem, Ordering::Acquire).ok()?;
-    let n = idx.0.wrapping_sub(q.next_avail());
-    (n <= q.size()).then_some(n)
-}
-
 /// Spins until the driver makes a chain available on `vring` or `time`
 /// passes; true if there is work. Does not touch notifications.
 pub fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>, time: Duration) -> bool {
@@ -61,7 +54,7 @@ pub fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>, time: 
             if !q.ready() || !state.is_enabled() {
                 return false;
             }
-            match posted(m, q) {
+            match avail_pending(m, q) {
                 Some(0) => {}
                 Some(_) => return true,
                 None => return false,

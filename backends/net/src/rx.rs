@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_backend::chain::ChainDescriptor;
+use flotilla_backend::chain::{avail_pending, ChainDescriptor};
 use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
@@ -362,7 +362,7 @@ impl RxQueue {
         }
         // The index moved: buffers, unless it moved more than a ring (popping would find
         // none, and the caller would ask again forever).
-        match ring::posted(m, state.get_queue()) {
+        match avail_pending(m, state.get_queue()) {
             Some(n) => n > 0,
             None => {
                 warn_limited!(

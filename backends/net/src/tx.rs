@@ -18,7 +18,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_backend::chain::ChainDescriptor;
+use flotilla_backend::chain::{avail_pending, ChainDescriptor};
 use flotilla_backend::logger::RateLimiter;
 use flotilla_backend::warn_limited;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
@@ -224,7 +224,7 @@ impl TxQueue {
                         if rearm
                             && event_idx
                             && matches!(q.enable_notification(m), Ok(true))
-                            && matches!(ring::posted(m, q), Some(n) if n > 0)
+                            && matches!(avail_pending(m, q), Some(n) if n > 0)
                         {
                             continue;
                         }
