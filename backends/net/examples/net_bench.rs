@@ -121,6 +121,11 @@ struct Opts {
     sndbuf: Option<i32>,
     /// Ring size the harness uses (a Linux guest takes the device's maximum).
     ring: u16,
+    /// How long the harness polls for an interrupt before sleeping, as KVM
+    /// polls a halted vCPU (`halt_poll_ns`) before it schedules it out.
+    halt_poll: Duration,
+    /// Pin the drain rows' sides to CPUs ([`FILL_CPU`], [`READ_CPU`]).
+    pin: bool,
 }
 
 impl Opts {
@@ -133,6 +138,8 @@ impl Opts {
             event_idx: true,
             sndbuf: Some(DEFAULT_SNDBUF),
             ring: QSIZE,
+            halt_poll: Duration::ZERO,
+            pin: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -143,12 +150,17 @@ impl Opts {
                 "--only" => o.only = val().split(',').map(String::from).collect(),
                 "--poll" => o.backend_args.push("--poll".into()),
                 "--no-event-idx" => o.event_idx = false,
+                "--pin" => o.pin = true,
                 "--ring" => {
                     o.ring = val()
                         .parse()
                         .ok()
                         .filter(|n: &u16| n.is_power_of_two() && *n <= 1024)
                         .unwrap_or_else(|| usage("--ring"));
+                }
+                "--halt-poll-us" => {
+                    let us = val().parse().unwrap_or_else(|_| usage("--halt-poll-us"));
+                    o.halt_poll = Duration::from_micros(us);
                 }
                 "--sndbuf" => {
                     let bytes: i32 = val().parse().unwrap_or_else(|_| usage("--sndbuf"));
@@ -169,7 +181,7 @@ fn usage(arg: &str) -> ! {
     eprintln!(
         "net_bench: bad argument {arg}\n\
          usage: net_bench [--seconds N] [--runs N] [--only tx-mtu,rx-mtu,tx-tso,rx-tso,drain-mtu,drain-tso] \
-         [--poll] [--no-event-idx] [--sndbuf BYTES (0: kernel default)] [--ring 256|512|1024]"
+         [--poll] [--no-event-idx] [--sndbuf BYTES (0: kernel default)] [--ring 256|512|1024] [--halt-poll-us N] [--pin]"
     );
     std::process::exit(2)
 }
@@ -216,7 +228,7 @@ fn main() {
             let (raw, net) = match dir {
                 Dir::Tx => (tx_raw(size, o.secs), tx_backend(size, &o)),
                 Dir::Rx => (rx_raw(size, &o), rx_backend(size, &o)),
-                Dir::Drain => (drain_raw(size, &o), drain_backend(size, &o)),
+                Dir::Drain => drain_pair(size, &o, i),
             };
             let ratio = 100.0 * net.gbps() / raw.gbps();
             println!(
@@ -306,18 +318,39 @@ fn features_for(size: Size, o: &Opts) -> u64 {
     }
 }
 
-/// Sleeps until the device signals queue `q` (or 1 ms passes), as a guest
-/// waits for its interrupt.
-fn wait_call(d: &Driver, q: usize) {
+/// Waits until the device signals queue `q` (or 1 ms passes), as a guest
+/// waits for its interrupt: polls for up to `halt_poll` first, then sleeps.
+///
+/// KVM polls a halted vCPU for up to `halt_poll_ns` (200 µs on x86) before it
+/// schedules the vCPU thread out, and stops as soon as another task wants the
+/// CPU (`single_task_running`). The harness yields between looks and stops
+/// polling once a yield let another task run.
+fn wait_call(d: &Driver, q: usize, halt_poll: Duration) {
     let mut pfd = libc::pollfd {
         fd: d.rings[q].call.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
+    let start = Instant::now();
+    // SAFETY (each poll): one valid pollfd.
+    while !halt_poll.is_zero() && unsafe { libc::poll(&mut pfd, 1, 0) } == 0 {
+        let before = Instant::now();
+        if before - start >= halt_poll {
+            break;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+        if before.elapsed() > OTHER_TASK_RAN {
+            break;
+        }
+    }
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut pfd, 1, 1) };
     let _ = d.rings[q].call.read();
 }
+
+/// A `sched_yield` that took longer than this ran another task.
+const OTHER_TASK_RAN: Duration = Duration::from_micros(5);
 
 fn spawn_backend(tap: &OwnedFd, o: &Opts) -> (Backend, std::os::unix::net::UnixStream) {
     let mut args = vec!["--log-level", "warn"];
@@ -412,7 +445,7 @@ fn tx_backend(size: Size, o: &Opts) -> Rate {
         let seen = drv.rings[TX].used_seen;
         drv.set_used_event(TX, seen.wrapping_add(in_flight * 3 / 4));
         if drv.used_idx(TX) == seen {
-            wait_call(&drv, TX);
+            wait_call(&drv, TX, o.halt_poll);
         }
     }
     Rate {
@@ -552,7 +585,7 @@ fn rx_backend(size: Size, o: &Opts) -> Rate {
     let mut rx = Receiver::default();
     while start.elapsed() < o.secs {
         if rx.take_used(&mut drv) == 0 {
-            sleep_until_used(&drv);
+            sleep_until_used(&drv, o.halt_poll);
         }
     }
     let secs = start.elapsed().as_secs_f64();
@@ -567,12 +600,24 @@ fn rx_backend(size: Size, o: &Opts) -> Rate {
 
 /// The harness's receive side: counts frames (a mergeable frame spans the
 /// number of buffers its header says) and bytes.
-#[derive(Default)]
 struct Receiver {
     frames: u64,
     bytes: u64,
     /// Buffers still to come of the current frame.
     remaining: u16,
+    /// Give taken buffers back to the device (a drain stops at its limit).
+    repost: bool,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Receiver {
+            frames: 0,
+            bytes: 0,
+            remaining: 0,
+            repost: true,
+        }
+    }
 }
 
 impl Receiver {
@@ -597,7 +642,9 @@ impl Receiver {
                 self.bytes += u64::from(len);
             }
             self.remaining -= 1;
-            post_rx(drv);
+            if self.repost {
+                post_rx(drv);
+            }
         }
         if got > 0 {
             drv.kick_if_needed(RX, old);
@@ -608,21 +655,21 @@ impl Receiver {
 
 /// Nothing left: asks for an interrupt at the next used buffer and sleeps
 /// until it comes (NAPI's re-enable and wait).
-fn sleep_until_used(drv: &Driver) {
+fn sleep_until_used(drv: &Driver, halt_poll: Duration) {
     let seen = drv.rings[RX].used_seen;
     drv.set_used_event(RX, seen);
     if drv.used_idx(RX) == seen {
-        wait_call(drv, RX);
+        wait_call(drv, RX, halt_poll);
     }
 }
 
-/// Frames queued on the tap before a drain measurement: about 0.5–1 s of
-/// reading on this machine, and 1–4 GB of kernel memory while queued (the
-/// tap takes a queue of at most 2^19 frames).
+/// Frames each side of a drain reads: about 0.3–0.5 s of reading on this machine. The
+/// tap is filled with twice as many (it queues at most 2^19 frames; 2 × 40,000 TSO frames
+/// are 5 GB of kernel memory while queued).
 fn drain_frames(size: Size) -> usize {
     match size {
-        Size::Mtu => 500_000,
-        Size::Tso => 60_000,
+        Size::Mtu => 250_000,
+        Size::Tso => 40_000,
     }
 }
 
@@ -644,22 +691,46 @@ fn fill_tap(ns: &Netns, size: Size, frames: usize) -> usize {
     (0..frames).filter(|_| sock.send(&msg).is_ok()).count()
 }
 
-/// The raw tap's read rate on its own: the tap is filled first, then read
-/// until it is empty.
-fn drain_raw(size: Size, o: &Opts) -> Rate {
+/// One drain run: the tap is filled once with twice [`drain_frames`] frames, and the raw
+/// reader and flotilla-net take half each, back to back, from the same fill (the frames'
+/// kernel buffers were made together, so where they landed in memory, which moves the copy
+/// rate by tens of percent from one fill to the next on this machine, is the same for
+/// both). Who goes first alternates with `run`. Returns (raw, flotilla-net).
+fn drain_pair(size: Size, o: &Opts, run: usize) -> (Rate, Rate) {
     let ns = Netns::new();
     let tap = ns.tap(TAP);
+    pin(o.pin.then_some(READ_CPU));
+    let (backend, stream) = spawn_backend(&tap, o);
+    pin(o.pin.then_some(FILL_CPU));
+    let mut drv = Driver::with_ring_size(stream, features_for(size, o), o.ring);
+    // The backend set the same offloads when the features were negotiated; the raw
+    // reader's settings are the same.
     set_tap(&tap, size);
-    // SAFETY: fcntl on a tap fd we own.
+    let half = drain_frames(size);
+    fill_tap(&ns, size, 2 * half);
+    let (raw, net) = if run % 2 == 0 {
+        let raw = drain_raw(&tap, o, Some(half));
+        (raw, drain_backend(&mut drv, &backend, o, None))
+    } else {
+        let net = drain_backend(&mut drv, &backend, o, Some(half));
+        (drain_raw(&tap, o, None), net)
+    };
+    pin(None);
+    (raw, net)
+}
+
+/// The raw reader drains the tap (at most `limit` frames), from its own CPU.
+fn drain_raw(tap: &OwnedFd, o: &Opts, limit: Option<usize>) -> Rate {
+    pin(o.pin.then_some(READ_CPU));
+    // SAFETY: fcntl on a tap fd we own (flotilla-net's copy is non-blocking already).
     unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-    fill_tap(&ns, size, drain_frames(size));
     let mut ring = RawRing::new(o.ring);
     let window = monotonic_secs();
     let start = Instant::now();
     let mut last = start;
     let (mut n, mut bytes) = (0u64, 0u64);
-    loop {
-        let r = ring.read(&tap);
+    while limit.is_none_or(|l| n < l as u64) {
+        let r = ring.read(tap);
         if r > 0 {
             n += 1;
             bytes += r as u64 - VNET_HDR as u64;
@@ -668,6 +739,7 @@ fn drain_raw(size: Size, o: &Opts) -> Rate {
             break;
         }
     }
+    pin(o.pin.then_some(FILL_CPU));
     println!(
         "#   raw drain: window {window:.3},{:.3} (CLOCK_MONOTONIC)",
         window + (last - start).as_secs_f64()
@@ -679,47 +751,75 @@ fn drain_raw(size: Size, o: &Opts) -> Rate {
     }
 }
 
-/// flotilla-net draining a pre-filled tap: the backend is attached with an
-/// empty receive ring, the tap is filled, then the harness posts the ring
-/// and kicks, and receives as in [`rx_backend`] until the frames stop.
-fn drain_backend(size: Size, o: &Opts) -> Rate {
-    let ns = Netns::new();
-    let tap = ns.tap(TAP);
-    let (backend, stream) = spawn_backend(&tap, o);
-    let mut drv = Driver::with_ring_size(stream, features_for(size, o), o.ring);
-    fill_tap(&ns, size, drain_frames(size));
+/// flotilla-net drains the tap: the harness posts the receive ring (empty until now) and
+/// kicks, and receives as in [`rx_backend`] until the frames stop or `limit` frames are
+/// in. After `limit` it stops giving buffers back and waits for the backend to fill the
+/// ones it still has, so that the raw reader then has the tap to itself.
+fn drain_backend(drv: &mut Driver, backend: &Backend, o: &Opts, limit: Option<usize>) -> Rate {
     let ticks = tree_cpu_ticks(backend.child.id());
     let harness = thread_cpu();
     let window = monotonic_secs();
     let start = Instant::now();
     for _ in 0..o.ring {
-        post_rx(&mut drv);
+        post_rx(drv);
     }
     drv.kick(RX);
     let mut last = start;
     let mut rx = Receiver::default();
-    while last.elapsed() < DRAIN_IDLE {
-        if rx.take_used(&mut drv) > 0 {
+    while last.elapsed() < DRAIN_IDLE && limit.is_none_or(|l| rx.frames < l as u64) {
+        if rx.take_used(drv) > 0 {
             last = Instant::now();
         } else {
-            sleep_until_used(&drv);
+            sleep_until_used(drv, o.halt_poll);
         }
     }
     let secs = (last - start).as_secs_f64();
+    let (packets, bytes) = (rx.frames, rx.bytes);
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let backend_cpu = (tree_cpu_ticks(backend.child.id()) - ticks) as f64 / hz;
+    let harness_cpu = (thread_cpu() - harness).as_secs_f64();
+    if limit.is_some() {
+        rx.repost = false;
+        let mut quiet = Instant::now();
+        while quiet.elapsed() < DRAIN_IDLE {
+            if rx.take_used(drv) > 0 {
+                quiet = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     println!(
         "#   flotilla-net drain: backend {:.0} % of a CPU, harness {:.0} %; \
          window {window:.3},{:.3} (CLOCK_MONOTONIC, for `perf record -k 1` + `perf report --time`)",
         100.0 * backend_cpu / secs,
-        100.0 * (thread_cpu() - harness).as_secs_f64() / secs,
+        100.0 * harness_cpu / secs,
         window + secs,
     );
     Rate {
-        packets: rx.frames,
-        bytes: rx.bytes,
+        packets,
+        bytes,
         secs,
+    }
+}
+
+/// Where a pinned drain makes its frames (and runs the harness) and where it reads them:
+/// both sides free the same kernel buffers from the same other CPU, as a host's softirq
+/// and a backend on different CPUs do. Unpinned, the raw reader frees them on the CPU
+/// that allocated them, and the backend wherever the scheduler put it.
+const FILL_CPU: usize = 1;
+const READ_CPU: usize = 0;
+
+/// Pins the calling thread (and what it spawns from now on) to `cpu`; None: every CPU.
+fn pin(cpu: Option<usize>) {
+    // SAFETY: cpu_set_t is plain old data; CPU_SET / sched_setaffinity get a valid set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        match cpu {
+            Some(c) => libc::CPU_SET(c, &mut set),
+            None => (0..libc::CPU_SETSIZE as usize).for_each(|c| libc::CPU_SET(c, &mut set)),
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

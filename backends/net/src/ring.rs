@@ -1,5 +1,5 @@
-//! Publishing used buffers ourselves, and reading the avail ring fast (see [`AvailView`]),
-//! for both queues.
+//! Publishing used buffers ourselves, and reading and writing the rings fast through host
+//! pointers (see [`RingView`]), for both queues.
 //!
 //! With MRG_RXBUF one frame fills several chains, and the driver reads
 //! `num_buffers` from the first and then expects all of them in the used
@@ -67,46 +67,87 @@ pub fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>, time: 
     }
 }
 
-/// Longest chain [`AvailView::chain`] is given room for: a receive buffer is one descriptor
+/// Longest chain [`RingView::chain`] is given room for: a receive buffer is one descriptor
 /// (two without MRG_RXBUF's small buffers), a transmit frame a header and a frame or a
 /// frame with a few page fragments; longer chains take `virtio-queue`'s path.
 pub const VIEW_CHAIN: usize = 16;
 
-/// Host pointers to a split ring's descriptor table and avail ring, checked once (inside
-/// one guest memory region, aligned as the spec requires) for a pass that pops many
-/// chains: `virtio-queue` looks the guest address up in the memory map for every avail
-/// entry and every descriptor, which for a 64 KB frame over 16 receive buffers is most
-/// of the receive path's user-space time, and for a transmit chain (header, frame) a good
-/// part of it. Chains longer than the caller's room, with an indirect table or with a bad
-/// index are not read here: [`AvailView::chain`] returns None and the caller pops them
-/// through `virtio-queue` as before, which checks them as it always did.
+/// Host pointers to a split ring's descriptor table, avail ring and used ring, checked once
+/// (inside one guest memory region each, aligned as the spec requires) for a pass that pops
+/// and completes many chains: `virtio-queue` looks the guest address up in the memory map
+/// for every avail entry and every descriptor, and `vm-memory`'s `write_slice` walks a
+/// slice iterator for every used element; for a 64 KB frame over 16 receive buffers that
+/// was most of the receive path's user-space time, and for a transmit chain (header,
+/// frame) a good part of it. Chains longer than the caller's room, with an indirect table
+/// or with a bad index are not read here: [`RingView::chain`] returns None and the caller
+/// pops them through `virtio-queue` as before, which checks them as it always did.
 ///
 /// Valid only while the memory snapshot it was made from is held (the lifetime).
-pub struct AvailView<'a> {
+pub struct RingView<'a> {
     desc: *const u8,
     avail: *const u8,
+    used: *mut u8,
     size: u16,
     _mem: std::marker::PhantomData<&'a GuestMem>,
 }
 
-impl<'a> AvailView<'a> {
+impl<'a> RingView<'a> {
     /// The view of `q`'s rings in `mem`, or None if an area is misaligned, crosses a region
     /// boundary or lies outside guest memory (the caller then uses `virtio-queue`).
     pub fn new(mem: &'a GuestMem, q: &Queue) -> Option<Self> {
         let size = q.size();
-        if size == 0 || q.desc_table() % 16 != 0 || q.avail_ring() % 2 != 0 {
+        if size == 0
+            || q.desc_table() % 16 != 0
+            || q.avail_ring() % 2 != 0
+            || q.used_ring() % 4 != 0
+        {
             return None;
         }
         let desc_len = usize::from(size) * DESC_LEN as usize;
         let avail_len = AVAIL_HEADER as usize + usize::from(size) * 2 + 2;
-        let desc = crate::chain::within_one_region(mem, GuestAddress(q.desc_table()), desc_len)?;
-        let avail = crate::chain::within_one_region(mem, GuestAddress(q.avail_ring()), avail_len)?;
-        Some(AvailView {
-            desc,
-            avail,
+        let used_len = (USED_HEADER + u64::from(size) * USED_ELEM) as usize + 2;
+        let within =
+            |addr: u64, len: usize| crate::chain::within_one_region(mem, GuestAddress(addr), len);
+        Some(RingView {
+            desc: within(q.desc_table(), desc_len)?,
+            avail: within(q.avail_ring(), avail_len)?,
+            used: within(q.used_ring(), used_len)?,
             size,
             _mem: std::marker::PhantomData,
         })
+    }
+
+    /// Writes the (head, length) elements `used` from `q`'s next used slot on and
+    /// publishes them with one used-index store ([`add_used`] through the view).
+    fn add_used(&self, q: &mut Queue, used: &[(u16, u32)]) {
+        let next = q.next_used();
+        for (i, (head, len)) in used.iter().enumerate() {
+            let slot = usize::from(next.wrapping_add(i as u16) % self.size);
+            let at = USED_HEADER as usize + slot * USED_ELEM as usize;
+            // SAFETY: slot < size, so the 8-byte element lies inside the checked used
+            // ring, 4-byte aligned (checked in `new`). Volatile: the guest owns the memory.
+            unsafe {
+                let e = self.used.add(at);
+                std::ptr::write_volatile(e as *mut u32, u32::from(*head).to_le());
+                std::ptr::write_volatile(e.add(4) as *mut u32, len.to_le());
+            }
+        }
+        let next = next.wrapping_add(used.len() as u16);
+        q.set_next_used(next);
+        // SAFETY: `used + 2` is the used index inside the checked area, 2-byte aligned. The
+        // driver reads it concurrently, hence the atomic; Release: the frame data, the
+        // header fix-up and the elements are visible before the index announces them.
+        let idx = unsafe { AtomicU16::from_ptr(self.used.add(2) as *mut u16) };
+        idx.store(next.to_le(), Ordering::Release);
+    }
+
+    /// The driver's `used_event` (EVENT_IDX), read after the used index stores.
+    fn used_event(&self) -> u16 {
+        let at = AVAIL_HEADER as usize + usize::from(self.size) * 2;
+        // SAFETY: the 2 bytes past the avail entries are inside the checked avail area,
+        // 2-byte aligned; the driver writes them concurrently, hence the atomic.
+        let event = unsafe { AtomicU16::from_ptr(self.avail.add(at) as *mut u16) };
+        u16::from_le(event.load(Ordering::Acquire))
     }
 
     /// The driver's avail index (acquire: the entries and descriptors it publishes are
@@ -222,12 +263,18 @@ pub fn publish(
     )
 }
 
-/// [`write_used`] and [`publish`]: the elements appear to the driver together.
+/// [`write_used`] and [`publish`]: the elements appear to the driver together. Through
+/// `view`'s host pointers when the pass has one.
 pub fn add_used(
     mem: &GuestMem,
+    view: Option<&RingView<'_>>,
     q: &mut Queue,
     used: &[(u16, u32)],
 ) -> Result<(), vm_memory::GuestMemoryError> {
+    if let Some(view) = view {
+        view.add_used(q, used);
+        return Ok(());
+    }
     write_used(mem, q, used)?;
     publish(mem, q, used.len() as u16)
 }
@@ -235,7 +282,13 @@ pub fn add_used(
 /// Whether the driver wants an interrupt for the elements published since
 /// the used index was `old` (always, without EVENT_IDX; VRING_AVAIL_F_NO_INTERRUPT
 /// is only a hint and, like `virtio-queue`, we do not use it).
-pub fn needs_signal(mem: &GuestMem, q: &Queue, old: u16, event_idx: bool) -> bool {
+pub fn needs_signal(
+    mem: &GuestMem,
+    view: Option<&RingView<'_>>,
+    q: &Queue,
+    old: u16,
+    event_idx: bool,
+) -> bool {
     let new = Wrapping(q.next_used());
     if new.0 == old {
         return false;
@@ -245,11 +298,17 @@ pub fn needs_signal(mem: &GuestMem, q: &Queue, old: u16, event_idx: bool) -> boo
     }
     // Order the index stores before reading the driver's used_event.
     fence(Ordering::SeqCst);
-    let at = GuestAddress(q.avail_ring() + AVAIL_HEADER + u64::from(q.size()) * 2);
-    let Ok(event) = mem.load::<u16>(at, Ordering::Acquire) else {
-        return true;
+    let event = match view {
+        Some(view) => view.used_event(),
+        None => {
+            let at = GuestAddress(q.avail_ring() + AVAIL_HEADER + u64::from(q.size()) * 2);
+            let Ok(event) = mem.load::<u16>(at, Ordering::Acquire) else {
+                return true;
+            };
+            u16::from_le(event)
+        }
     };
-    let event = Wrapping(u16::from_le(event));
+    let event = Wrapping(event);
     // vring_need_event(): the driver asked to hear about index `event`.
     new - event - Wrapping(1) < new - Wrapping(old)
 }
@@ -313,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn the_avail_view_reads_short_direct_chains_and_leaves_the_rest() {
+    fn the_ring_view_reads_short_direct_chains_and_leaves_the_rest() {
         const DESC: u64 = 0x4000;
         let (mem, mut q) = setup(4);
         q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -334,7 +393,7 @@ mod tests {
                 .unwrap();
         }
         mem.write_obj(5u16, GuestAddress(AVAIL + 2)).unwrap();
-        let view = AvailView::new(&mem, &q).expect("aligned rings inside memory");
+        let view = RingView::new(&mem, &q).expect("aligned rings inside memory");
         assert_eq!(view.avail_idx(), 5);
         let d = |addr: u64, len: u32, writable: bool| ChainDescriptor {
             addr: GuestAddress(addr),
@@ -380,25 +439,64 @@ mod tests {
         // ring addresses never reach here: `Queue` refuses them.)
         q.set_desc_table_address(Some(0xfff0), Some(0));
         assert_eq!(q.desc_table(), 0xfff0);
-        assert!(AvailView::new(&mem, &q).is_none());
+        assert!(RingView::new(&mem, &q).is_none());
+    }
+
+    #[test]
+    fn the_ring_view_publishes_used_elements_as_the_memory_path_does() {
+        const DESC: u64 = 0x4000;
+        let (mem, mut q) = setup(256);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        let (mem2, mut q2) = setup(256);
+        q2.set_desc_table_address(Some(DESC as u32), Some(0));
+        // 100 elements from slot 220: past the ring's end.
+        q.set_next_used(65_500);
+        q2.set_next_used(65_500);
+        let used: Vec<(u16, u32)> = (0..100u16).map(|i| (i, 4096 - u32::from(i))).collect();
+        let view = RingView::new(&mem, &q).expect("aligned rings inside memory");
+        add_used(&mem, Some(&view), &mut q, &used).unwrap();
+        add_used(&mem2, None, &mut q2, &used).unwrap();
+        assert_eq!(q.next_used(), 64);
+        let used_ring = |m: &GuestMem| {
+            let mut bytes = vec![0u8; 4 + 256 * 8 + 2];
+            m.read_slice(&mut bytes, GuestAddress(USED)).unwrap();
+            bytes
+        };
+        assert_eq!(used_ring(&mem), used_ring(&mem2));
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 64);
+
+        // The interrupt decision reads the driver's used_event through the view alike.
+        let used_event = GuestAddress(AVAIL + 4 + 256 * 2);
+        for event in [65_499u16, 65_500, 63, 64, 200] {
+            mem.write_obj(event, used_event).unwrap();
+            assert_eq!(
+                needs_signal(&mem, Some(&view), &q, 65_500, true),
+                needs_signal(&mem, None, &q, 65_500, true),
+                "used_event {event}"
+            );
+        }
+
+        // A used ring running out of guest memory: no view.
+        q.set_used_ring_address(Some(0xff00), Some(0));
+        assert!(RingView::new(&mem, &q).is_none());
     }
 
     #[test]
     fn event_idx_decides_the_interrupt() {
         let (mem, mut q) = setup(4);
-        assert!(!needs_signal(&mem, &q, 0, false), "nothing new");
+        assert!(!needs_signal(&mem, None, &q, 0, false), "nothing new");
         publish(&mem, &mut q, 3).unwrap();
-        assert!(needs_signal(&mem, &q, 0, false));
+        assert!(needs_signal(&mem, None, &q, 0, false));
         let used_event = GuestAddress(AVAIL + 4 + 4 * 2);
         // Driver wants to hear once index 1 is passed: 0 -> 3 passes it.
         mem.write_obj(1u16, used_event).unwrap();
-        assert!(needs_signal(&mem, &q, 0, true));
+        assert!(needs_signal(&mem, None, &q, 0, true));
         // Driver wants index 5: 0 -> 3 does not reach it.
         mem.write_obj(5u16, used_event).unwrap();
-        assert!(!needs_signal(&mem, &q, 0, true));
+        assert!(!needs_signal(&mem, None, &q, 0, true));
         // Wrapping: old 65534, new 1, event 65535.
         q.set_next_used(1);
         mem.write_obj(65535u16, used_event).unwrap();
-        assert!(needs_signal(&mem, &q, 65534, true));
+        assert!(needs_signal(&mem, None, &q, 65534, true));
     }
 }

@@ -81,7 +81,32 @@ struct Popped {
     unsignalled: usize,
 }
 
+// SAFETY: the iovecs point into the guest memory snapshot of one pass; `finish` empties
+// every vector before the pass lets the snapshot go, so only empty vectors (their
+// capacity) ever move to another thread.
+unsafe impl Send for Popped {}
+
 impl Popped {
+    /// Starts a pass whose used index is `next_used`, keeping the vectors' capacity (a
+    /// pass of 64 KB frames gathers thousands of iovecs; growing them every pass was a
+    /// visible share of the receive path).
+    fn start(&mut self, next_used: u16) {
+        self.finish();
+        self.room = 0;
+        self.blocked = false;
+        self.signalled_at = next_used;
+        self.unsignalled = 0;
+    }
+
+    /// Ends a pass: nothing that points into guest memory is kept.
+    fn finish(&mut self) {
+        self.chains.clear();
+        self.iov.clear();
+        self.segs.clear();
+        self.merged.clear();
+        self.used.clear();
+    }
+
     /// iovecs of the chains not yet used (what the next `readv` may take).
     fn live_iovecs(&self) -> usize {
         self.chains
@@ -123,6 +148,8 @@ pub struct RxQueue {
     /// Busy-poll the tap (or the avail ring) for [`POLL_TIME`] when a
     /// pass runs dry, before sleeping.
     poll: bool,
+    /// The pass's popped chains; kept between passes only for the vectors' capacity.
+    popped: Popped,
 }
 
 impl RxQueue {
@@ -136,6 +163,7 @@ impl RxQueue {
             bounce: vec![0u8; MAX_BUFFER],
             pending: None,
             poll,
+            popped: Popped::default(),
         }
     }
 
@@ -196,20 +224,20 @@ impl RxQueue {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Stop::NotReady;
         }
-        let mut p = Popped {
-            signalled_at: state.get_queue().next_used(),
-            ..Popped::default()
-        };
+        let mut p = std::mem::take(&mut self.popped);
+        p.start(state.get_queue().next_used());
         // The rings' host view, checked once for the pass (their addresses cannot change
         // while the vring lock is held).
-        let view = ring::AvailView::new(m, state.get_queue());
+        let view = ring::RingView::new(m, state.get_queue());
         let stop = self.fill(&mut state, m, view.as_ref(), neg, event_idx, &mut p);
         // Unused chains go back to the avail ring: they are the most
         // recently popped, so stepping next_avail back returns exactly them.
         let q = state.get_queue_mut();
         let back = p.chains.len() as u16;
         q.set_next_avail(q.next_avail().wrapping_sub(back));
-        signal(&state, m, event_idx, &mut p);
+        signal(&state, m, view.as_ref(), event_idx, &mut p);
+        p.finish();
+        self.popped = p;
         stop
     }
 
@@ -217,7 +245,7 @@ impl RxQueue {
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
-        view: Option<&ring::AvailView<'_>>,
+        view: Option<&ring::RingView<'_>>,
         neg: Negotiated,
         event_idx: bool,
         p: &mut Popped,
@@ -231,13 +259,13 @@ impl RxQueue {
             if event_idx && p.unsignalled >= rx_signal_every(state) {
                 // A driver waiting for frames hears about them while the
                 // pass goes on, before its ring runs dry.
-                signal(state, m, event_idx, p);
+                signal(state, m, view, event_idx, p);
             }
-            self.complete_bad_front(state, m, p);
+            self.complete_bad_front(state, m, view, p);
             if let Some(len) = self.pending {
                 self.top_up(state, m, view, mrg, len, p);
                 if self.deliverable(mrg, len, p) {
-                    self.deliver_bounce(state, m, neg, len, p);
+                    self.deliver_bounce(state, m, view, neg, len, p);
                     self.pending = None;
                     frames += 1;
                     continue;
@@ -325,7 +353,7 @@ impl RxQueue {
                 continue;
             }
             if direct {
-                self.complete_frame(state, m, neg, n, p);
+                self.complete_frame(state, m, view, neg, n, p);
                 frames += 1;
             } else {
                 self.pending = Some(n);
@@ -380,7 +408,7 @@ impl RxQueue {
         &self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
-        view: Option<&ring::AvailView<'_>>,
+        view: Option<&ring::RingView<'_>>,
         mrg: bool,
         want: usize,
         p: &mut Popped,
@@ -527,11 +555,12 @@ impl RxQueue {
         &self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
+        view: Option<&ring::RingView<'_>>,
         p: &mut Popped,
     ) {
         while p.chains.front().is_some_and(|c| c.bad) {
             if let Some(c) = p.chains.pop_front() {
-                self.use_chains(state, m, &[(c.head, 0)]);
+                self.use_chains(state, m, view, &[(c.head, 0)]);
             }
             p.compact();
             p.blocked = p.chains.iter().any(|c| c.bad);
@@ -544,6 +573,7 @@ impl RxQueue {
         &self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
+        view: Option<&ring::RingView<'_>>,
         neg: Negotiated,
         n: usize,
         p: &mut Popped,
@@ -586,7 +616,7 @@ impl RxQueue {
             p.room -= c.len;
         }
         p.compact();
-        self.use_chains(state, m, &used);
+        self.use_chains(state, m, view, &used);
         p.unsignalled += used.len();
         p.used = used;
         Stats::add(&self.stats.rx_packets, 1);
@@ -598,6 +628,7 @@ impl RxQueue {
         &self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
+        view: Option<&ring::RingView<'_>>,
         neg: Negotiated,
         len: usize,
         p: &mut Popped,
@@ -627,7 +658,7 @@ impl RxQueue {
             p.room -= c.len;
         }
         p.compact();
-        self.use_chains(state, m, &used);
+        self.use_chains(state, m, view, &used);
         p.unsignalled += used.len();
         Stats::add(&self.stats.rx_packets, 1);
         Stats::add(&self.stats.rx_bytes, (len - HEADER_LEN) as u64);
@@ -638,9 +669,10 @@ impl RxQueue {
         &self,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         m: &GuestMem,
+        view: Option<&ring::RingView<'_>>,
         used: &[(u16, u32)],
     ) {
-        if let Err(e) = ring::add_used(m, state.get_queue_mut(), used) {
+        if let Err(e) = ring::add_used(m, view, state.get_queue_mut(), used) {
             log::error!("rx: writing the used ring: {e}");
         }
     }
@@ -651,10 +683,11 @@ impl RxQueue {
 fn signal(
     state: &VringState<GuestMemoryAtomic<GuestMem>>,
     m: &GuestMem,
+    view: Option<&ring::RingView<'_>>,
     event_idx: bool,
     p: &mut Popped,
 ) {
-    if ring::needs_signal(m, state.get_queue(), p.signalled_at, event_idx) {
+    if ring::needs_signal(m, view, state.get_queue(), p.signalled_at, event_idx) {
         if let Err(e) = state.signal_used_queue() {
             log::error!("rx: signalling the guest: {e}");
         }

@@ -140,7 +140,7 @@ impl TxQueue {
     /// Sends up to [`BATCH`] chains. With `rearm`, an empty ring turns
     /// guest notifications back on (EVENT_IDX) before the pass ends.
     ///
-    /// Chains are read through an [`AvailView`](ring::AvailView) when the rings allow it
+    /// Chains are read through an [`RingView`](ring::RingView) when the rings allow it
     /// (one lookup of the ring addresses per pass instead of one per avail entry and
     /// descriptor), and completed [`SIGNAL_EVERY`] at a time with one used-index update.
     fn pass(
@@ -157,7 +157,7 @@ impl TxQueue {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Stop::NotReady;
         }
-        let view = ring::AvailView::new(m, state.get_queue());
+        let view = ring::RingView::new(m, state.get_queue());
         // The driver's avail index as last read through the view.
         let mut avail_idx = view.as_ref().map_or(0, |v| v.avail_idx());
         let mut descs = [ChainDescriptor::default(); ring::VIEW_CHAIN];
@@ -173,11 +173,11 @@ impl TxQueue {
                 break Stop::BatchFull;
             }
             if used.len() == SIGNAL_EVERY {
-                complete(&mut state, m, &mut used);
+                complete(&mut state, m, view.as_ref(), &mut used);
                 if event_idx {
                     // A driver waiting for completions (its used_event) hears
                     // about them while the pass goes on, not only at its end.
-                    signal(&state, m, event_idx, &mut signalled_at);
+                    signal(&state, m, view.as_ref(), event_idx, &mut signalled_at);
                 }
             }
             let q = state.get_queue_mut();
@@ -244,8 +244,8 @@ impl TxQueue {
                 }
             }
         };
-        complete(&mut state, m, &mut used);
-        signal(&state, m, event_idx, &mut signalled_at);
+        complete(&mut state, m, view.as_ref(), &mut used);
+        signal(&state, m, view.as_ref(), event_idx, &mut signalled_at);
         stop
     }
 
@@ -322,12 +322,13 @@ enum Sent {
 fn complete(
     state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
     m: &GuestMem,
+    view: Option<&ring::RingView<'_>>,
     used: &mut Vec<(u16, u32)>,
 ) {
     if used.is_empty() {
         return;
     }
-    if let Err(e) = ring::add_used(m, state.get_queue_mut(), used) {
+    if let Err(e) = ring::add_used(m, view, state.get_queue_mut(), used) {
         log::error!("tx: writing the used ring: {e}");
     }
     used.clear();
@@ -338,10 +339,11 @@ fn complete(
 fn signal(
     state: &VringState<GuestMemoryAtomic<GuestMem>>,
     m: &GuestMem,
+    view: Option<&ring::RingView<'_>>,
     event_idx: bool,
     signalled_at: &mut u16,
 ) {
-    if ring::needs_signal(m, state.get_queue(), *signalled_at, event_idx) {
+    if ring::needs_signal(m, view, state.get_queue(), *signalled_at, event_idx) {
         if let Err(e) = state.signal_used_queue() {
             log::error!("tx: signalling the guest: {e}");
         }
