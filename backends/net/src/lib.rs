@@ -13,6 +13,7 @@ pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod header;
+pub mod pacing;
 pub mod ring;
 pub mod rx;
 pub mod sandbox;

@@ -33,6 +33,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use crate::chain::{self, Direction, Limits, Segment, MAX_CHAIN_SEGMENTS};
 use crate::config::Negotiated;
 use crate::header::{fix_rx, HEADER_LEN, MAX_BUFFER};
+use crate::pacing::Pacing;
 use crate::ring::{self, POLL_TIME};
 use crate::stats::Stats;
 use crate::tap::Tap;
@@ -60,7 +61,6 @@ struct RxChain {
 }
 
 /// The chains popped in one pass and not yet used, in pop order.
-#[derive(Default)]
 struct Popped {
     chains: VecDeque<RxChain>,
     iov: Vec<libc::iovec>,
@@ -75,10 +75,24 @@ struct Popped {
     merged: Vec<libc::iovec>,
     /// Used index when the driver was last considered for an interrupt.
     signalled_at: u16,
-    /// Buffers (used elements) completed since: a 64 KB frame over 4 KiB
-    /// buffers counts 16, so a ring a few frames fill is still signalled
-    /// before the guest runs out of buffers.
-    unsignalled: usize,
+    /// When to consider it next, within the pass.
+    pacing: Pacing,
+}
+
+impl Default for Popped {
+    fn default() -> Self {
+        Popped {
+            chains: VecDeque::new(),
+            iov: Vec::new(),
+            segs: Vec::new(),
+            room: 0,
+            blocked: false,
+            used: Vec::new(),
+            merged: Vec::new(),
+            signalled_at: 0,
+            pacing: Pacing::new(Instant::now()),
+        }
+    }
 }
 
 // SAFETY: the iovecs point into the guest memory snapshot of one pass; `finish` empties
@@ -95,7 +109,7 @@ impl Popped {
         self.room = 0;
         self.blocked = false;
         self.signalled_at = next_used;
-        self.unsignalled = 0;
+        self.pacing = Pacing::new(Instant::now());
     }
 
     /// Ends a pass: nothing that points into guest memory is kept.
@@ -256,7 +270,7 @@ impl RxQueue {
             if frames == BATCH {
                 return Stop::BatchFull;
             }
-            if event_idx && p.unsignalled >= rx_signal_every(state) {
+            if event_idx && p.pacing.due(state.get_queue().size(), Instant::now) {
                 // A driver waiting for frames hears about them while the
                 // pass goes on, before its ring runs dry.
                 signal(state, m, view, event_idx, p);
@@ -617,7 +631,7 @@ impl RxQueue {
         }
         p.compact();
         self.use_chains(state, m, view, &used);
-        p.unsignalled += used.len();
+        p.pacing.completed(used.len());
         p.used = used;
         Stats::add(&self.stats.rx_packets, 1);
         Stats::add(&self.stats.rx_bytes, (n - HEADER_LEN) as u64);
@@ -659,7 +673,7 @@ impl RxQueue {
         }
         p.compact();
         self.use_chains(state, m, view, &used);
-        p.unsignalled += used.len();
+        p.pacing.completed(used.len());
         Stats::add(&self.stats.rx_packets, 1);
         Stats::add(&self.stats.rx_bytes, (len - HEADER_LEN) as u64);
     }
@@ -693,19 +707,5 @@ fn signal(
         }
     }
     p.signalled_at = state.get_queue().next_used();
-    p.unsignalled = 0;
-}
-
-/// With EVENT_IDX, how many buffers the receive queue fills before asking
-/// whether the driver wants an interrupt within a pass: three quarters of
-/// the ring. Early enough that a woken driver refills before the device
-/// runs dry (the last quarter is four 64 KB frames, ~30 us of copying,
-/// against a wakeup of ~10 us here), rarely enough that a driver asking
-/// for an interrupt at its next used buffer (NAPI) is not woken for every
-/// few frames: a 64 KB frame takes 16 of 256 4 KiB buffers, and waking a
-/// sleeping driver costs the device about as much as receiving one such
-/// frame (docs/PERFORMANCE.md; half the ring measured ~4 points lower on
-/// live 64 KB receive).
-fn rx_signal_every(state: &VringState<GuestMemoryAtomic<GuestMem>>) -> usize {
-    usize::from(state.get_queue().size() / 4 * 3).max(1)
+    p.pacing.asked(Instant::now());
 }
