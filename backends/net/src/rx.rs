@@ -162,8 +162,9 @@ pub struct RxQueue {
     /// Busy-poll the tap (or the avail ring) for [`POLL_TIME`] when a
     /// pass runs dry, before sleeping.
     poll: bool,
-    /// The pass's popped chains; kept between passes only for the vectors' capacity.
-    popped: Popped,
+    /// The pass's popped chains; kept between passes only for the vectors' capacity
+    /// (taken out for the pass, so that it is not rebuilt every pass).
+    popped: Option<Popped>,
 }
 
 impl RxQueue {
@@ -177,7 +178,7 @@ impl RxQueue {
             bounce: vec![0u8; MAX_BUFFER],
             pending: None,
             poll,
-            popped: Popped::default(),
+            popped: None,
         }
     }
 
@@ -238,7 +239,7 @@ impl RxQueue {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Stop::NotReady;
         }
-        let mut p = std::mem::take(&mut self.popped);
+        let mut p = self.popped.take().unwrap_or_default();
         p.start(state.get_queue().next_used());
         // The rings' host view, checked once for the pass (their addresses cannot change
         // while the vring lock is held).
@@ -251,7 +252,7 @@ impl RxQueue {
         q.set_next_avail(q.next_avail().wrapping_sub(back));
         signal(&state, m, view.as_ref(), event_idx, &mut p);
         p.finish();
-        self.popped = p;
+        self.popped = Some(p);
         stop
     }
 
